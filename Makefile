@@ -1,0 +1,36 @@
+# make test: install what the tests need and run them. make demo: a throwaway Alfresco-like sandbox,
+# backed up twice. Works as root or as an ordinary user with sudo.
+SHELL := /bin/bash
+# The system python3 (not a pyenv/conda one): the service user and PostgreSQL's archive_command use it.
+SYSTEM_PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux
+PYTEST_ARGS ?=
+
+.PHONY: deps venv test test-all lint demo clean
+
+deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+$(PY):
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+
+venv: $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: deps venv lint
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+demo: deps venv
+	$(PY) tests/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

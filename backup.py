@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""The nightly backup of an Alfresco server: ``python backup.py [--env PATH] [--dry-run]``.
+
+Stages, in order: lock → WAL settings check → PostgreSQL base backup → contentstore snapshot → keystore
+and configuration copy → WAL archive check (the base backup becomes DONE) → retention → summary and
+alert. Exit codes: see EXIT_CODES (and the README). This is an entry point: modules raise, this file
+catches, logs, alerts and chooses the exit code.
+"""
+
+import argparse
+import datetime
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+
+import config
+import email_alert
+import lock
+import runner
+import status
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_CODES = {
+    EXIT_OK: "every stage succeeded (warnings allowed)",
+    EXIT_FAILED: "a stage failed (details in the log and the alert mail)",
+    EXIT_CONFIG: "configuration error (every bad key is named)",
+    EXIT_LOCKED: "another backup (or restore) holds the lock; nothing was done",
+}
+LOG = logging.getLogger("backup")
+
+
+class SecretFilter(logging.Filter):
+    """Masks every configured secret in every log record, whatever logged it."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record):
+        if self.secrets:
+            message = record.getMessage()
+            for secret in self.secrets:
+                message = message.replace(secret, "********")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup_logging(backup_dir, secrets, to_file=True):
+    """Log to stdout and (unless ``to_file`` is False) ``BACKUP_DIR/backup-YYYY-MM-DD.log`` (0600).
+
+    Returns the log file path or None.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    secret_filter = SecretFilter(secrets)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    path = None
+    if to_file:
+        path = os.path.join(backup_dir, "backup-%s.log" % datetime.date.today().isoformat())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler.addFilter(secret_filter)
+        root.addHandler(handler)
+    return path
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Back up an Alfresco server: PostgreSQL base backup, contentstore snapshot, keystore and "
+                    "configuration, WAL archive check, retention.",
+        epilog="Exit codes: " + "; ".join("%d %s" % item for item in sorted(EXIT_CODES.items())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", metavar="PATH", help="configuration file (default: .env next to backup.py)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print what would run; change nothing")
+    mode.add_argument("--status", action="store_true",
+                      help="report backups, WAL archive health and the recovery window; exit 0/1/2 = "
+                           "OK/WARNING/CRITICAL (Nagios)")
+    mode.add_argument("--check", action="store_true",
+                      help="end-to-end archive check: settings, privileges, a WAL switch reaching the archive")
+    mode.add_argument("--retention-dry-run", action="store_true", help="print the retention plan and exit")
+    parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
+    return parser.parse_args(argv)
+
+
+def config_error_exit(exc, env_path):
+    """Report every configuration problem, alert if the mail settings alone are usable, exit code."""
+    sys.stderr.write("%s\n" % exc)
+    try:
+        mail_cfg = config.mail_config(config.read_env_file(env_path))
+    except config.ConfigError:
+        mail_cfg = None
+    if mail_cfg is not None:
+        subject, body = email_alert.build_report(socket.getfqdn(), False, [
+            {"name": "configuration", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
+        logging.basicConfig(level=logging.INFO)
+        email_alert.notify(mail_cfg, False, subject, body, LOG, secrets=mail_cfg.secrets())
+    return EXIT_CONFIG
+
+
+def ensure_backup_dir(path):
+    """Create BACKUP_DIR (0700) if needed; refuse one that is not writable. Raises config.ConfigError."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise config.ConfigError([("BACKUP_DIR", "cannot create %s: %s" % (path, exc.strerror))])
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise config.ConfigError([("BACKUP_DIR", "%s is not writable by this user (uid %d)"
+                                   % (path, os.getuid()))])
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env_path = os.path.abspath(args.env or config.default_env_path())
+    try:
+        cfg = config.load_config(env_path)
+        if not (args.dry_run or args.status or args.retention_dry_run):
+            ensure_backup_dir(cfg.BACKUP_DIR)
+    except config.ConfigError as exc:
+        return config_error_exit(exc, env_path)
+    os.umask(0o077)  # everything we write in BACKUP_DIR is private to the service user
+    if args.status:
+        setup_logging(cfg.BACKUP_DIR, cfg.secrets(), to_file=False)
+        logging.getLogger().setLevel(logging.WARNING)
+        return status.report(cfg, as_json=args.json)
+    if args.check:
+        setup_logging(cfg.BACKUP_DIR, cfg.secrets())
+        return status.check(cfg, LOG)
+    if args.dry_run or args.retention_dry_run:
+        setup_logging(cfg.BACKUP_DIR, cfg.secrets(), to_file=False)
+        for key, message in cfg.warnings:
+            LOG.warning("%s: %s", key, message)
+        return runner.dry_run(cfg, retention_only=args.retention_dry_run)
+    backup_lock = lock.BackupLock(cfg.BACKUP_DIR)
+    try:
+        backup_lock.acquire()
+    except lock.LockHeld as exc:
+        sys.stderr.write("%s\n" % exc)
+        subject, body = email_alert.build_report(socket.getfqdn(), False, [
+            {"name": "lock", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
+        logging.basicConfig(level=logging.INFO)
+        email_alert.notify(cfg, False, subject, body, LOG, secrets=cfg.secrets())
+        return EXIT_LOCKED
+    try:
+        log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())
+        for key, message in cfg.warnings:
+            LOG.warning("%s: %s", key, message)
+        return run_backup(cfg, log_path)
+    finally:
+        backup_lock.release()
+
+
+def run_backup(cfg, log_path):
+    """Run every stage, print the summary, send the alert. Returns the exit code."""
+    started = time.monotonic()
+    LOG.info("backup run started (pid %d, config %s)", os.getpid(), cfg.env_path)
+    night = runner.Night(cfg, LOG)
+    try:
+        night.run_all()
+    except Exception as exc:  # a bug of ours must still end in a summary, an alert and a non-zero exit
+        LOG.error("unexpected error: %s\n%s", exc, traceback.format_exc())
+        night.record_unexpected(exc)
+    summary = night.summary(time.monotonic() - started)
+    for line in summary.splitlines():
+        LOG.info(line)
+    ok = night.ok
+    failed = night.first_failure()
+    subject, body = email_alert.build_report(
+        socket.getfqdn(), ok, night.stage_dicts(), error=failed.error if failed else None,
+        tool_output_tail=failed.tool_output if failed else "", log_path=log_path,
+        extra_sections=night.extra_sections())
+    email_alert.notify(cfg, ok, subject, body, LOG, secrets=cfg.secrets())
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Configuration: one option table drives validation, ``env.example`` and the README's table.
+
+``load_config(env_path)`` reads a ``.env`` file (python-dotenv; the process environment does NOT
+override it, so cron's environment cannot change a run) and returns a :class:`Config` whose attributes are
+the option names, typed. Every problem is collected and raised at once in :class:`ConfigError`, each
+naming its key. ``python config.py --env-example`` / ``--markdown`` print the generated files.
+"""
+
+import os
+import re
+import stat
+import sys
+
+# (name, type, default, required, description, secret)
+# Types: str, int, path (absolute), bool, choice:a|b, emails (comma-separated list), compression.
+OPTIONS = [
+    ("PGHOST", "str", "localhost", False,
+     "PostgreSQL host name, or the Unix socket directory (e.g. /tmp or the bundle's socket dir)", False),
+    ("PGPORT", "int", "5432", False, "PostgreSQL port", False),
+    ("PGUSER", "str", None, True, "Database role used for backups; needs REPLICATION (or superuser)", False),
+    ("PGPASSWORD", "str", "", False, "Password of PGUSER (empty: use ~/.pgpass or peer authentication)", True),
+    ("PGDATABASE", "str", "alfresco", False, "Alfresco's database, used for checks and restore drills", False),
+    ("ALF_BASE_DIR", "path", None, True, "Alfresco install directory (holds alf_data, tomcat, postgresql)", False),
+    ("BACKUP_DIR", "path", None, True, "Where backups, the WAL archive and logs go; private to this user", False),
+    ("PG_BIN_DIR", "path", "", False,
+     "PostgreSQL client tools; empty: ALF_BASE_DIR/postgresql/bin if it has pg_basebackup, else PATH", False),
+    ("PGDATA", "path", "", False,
+     "The server's data directory, for the WAL backlog check; empty: ALF_BASE_DIR/alf_data/postgresql", False),
+    ("CONTENTSTORE_DIR", "path", "", False, "Contentstore to snapshot; empty: ALF_BASE_DIR/alf_data/contentstore",
+     False),
+    ("WAL_ARCHIVE_DIR", "path", "", False,
+     "Where archive_command puts WAL segments; empty: BACKUP_DIR/pg_wal", False),
+    ("PG_COMPRESSION", "compression", "gzip", False,
+     "Base backup compression: gzip, zstd, lz4 or none, optionally with a level (zstd:3)", False),
+    ("RETENTION_DAYS", "int", "7", False, "Delete backups older than this many days (by the time in their name)",
+     False),
+    ("RETENTION_MIN_COUNT", "int", "1", False, "Always keep at least this many complete backups of each kind",
+     False),
+    ("WAL_WAIT_TIMEOUT", "int", "60", False,
+     "Seconds to wait after a base backup for its last WAL segment to reach the archive", False),
+    ("PG_BACKUP_TIMEOUT", "int", "0", False, "Seconds before pg_basebackup is stopped; 0: no limit", False),
+    ("RSYNC_TIMEOUT", "int", "0", False,
+     "Seconds before the contentstore copy is stopped; 0: no limit (a first multi-TB copy takes hours)", False),
+    ("WAL_MAX_AGE_HOURS", "int", "26", False,
+     "--status warns when the newest archived WAL segment is older than this", False),
+    ("BACKUP_MAX_AGE_HOURS", "int", "26", False,
+     "--status is CRITICAL when the newest complete backup is older than this", False),
+    ("SMTP_HOST", "str", "", False, "Mail server for alerts; empty: no e-mail (a warning is logged)", False),
+    ("SMTP_PORT", "int", "587", False, "Mail server port", False),
+    ("SMTP_SECURITY", "choice:starttls|ssl|none", "starttls", False,
+     "starttls (port 587), ssl (port 465) or none; certificates are verified", False),
+    ("SMTP_USER", "str", "", False, "Mail login; empty: send without logging in", False),
+    ("SMTP_PASSWORD", "str", "", False, "Mail password", True),
+    ("SMTP_TIMEOUT", "int", "30", False, "Seconds before an unresponsive mail server is given up", False),
+    ("SMTP_CA_FILE", "path", "", False, "Extra CA certificate file for a private mail server CA", False),
+    ("ALERT_EMAIL", "emails", "", False, "Recipients, comma-separated", False),
+    ("ALERT_FROM", "str", "", False, "Sender address; empty: alfresco-backup@<host name>", False),
+    ("ALERT_ON", "choice:failure|always|never", "failure", False,
+     "failure: mail only failures; always: also a summary of good runs; never", False),
+]
+
+OPTION_NAMES = [row[0] for row in OPTIONS]
+SECRET_NAMES = [row[0] for row in OPTIONS if row[5]]
+COMPRESSION_RE = re.compile(r"^(gzip|zstd|lz4|none)(:([0-9]{1,2}))?$")
+EMAIL_RE = re.compile(r"^[^@\s,]+@[^@\s,]+$")
+
+
+class ConfigError(Exception):
+    """Every configuration problem at once: ``problems`` is a list of (key, message)."""
+
+    def __init__(self, problems, path=None):
+        self.problems = problems
+        self.path = path
+        lines = ["%s: %s" % (key, msg) for key, msg in problems]
+        super().__init__("configuration error in %s:\n  %s" % (path or ".env", "\n  ".join(lines)))
+
+
+class Config:
+    """Typed options as attributes, plus ``env_path`` and ``warnings`` (list of (key, message))."""
+
+    def __init__(self, values, env_path, warnings):
+        self.__dict__.update(values)
+        self.env_path = env_path
+        self.warnings = warnings
+
+    def secrets(self):
+        """Every secret value in the configuration, for masking."""
+        return [getattr(self, name, "") for name in SECRET_NAMES if getattr(self, name, "")]
+
+    @property
+    def pgdata(self):
+        return self.PGDATA or os.path.join(self.ALF_BASE_DIR, "alf_data", "postgresql")
+
+    @property
+    def contentstore_dir(self):
+        return self.CONTENTSTORE_DIR or os.path.join(self.ALF_BASE_DIR, "alf_data", "contentstore")
+
+    @property
+    def wal_archive_dir(self):
+        return self.WAL_ARCHIVE_DIR or os.path.join(self.BACKUP_DIR, "pg_wal")
+
+
+def _convert(name, kind, raw, problems):
+    """Type-check one value; append (name, message) to ``problems`` and return None when it is wrong."""
+    if kind == "str":
+        if "\n" in raw or "\x00" in raw:
+            problems.append((name, "must be a single line"))
+            return None
+        return raw
+    if kind == "int":
+        if not re.match(r"^[0-9]+$", raw):
+            problems.append((name, "must be a whole number >= 0, got %r" % raw))
+            return None
+        return int(raw)
+    if kind == "path":
+        if raw == "":
+            return ""
+        if not os.path.isabs(raw):
+            problems.append((name, "must be an absolute path (starting with /), got %r" % raw))
+            return None
+        if "\n" in raw or "\x00" in raw:
+            problems.append((name, "must not contain a newline"))
+            return None
+        return os.path.normpath(raw)
+    if kind.startswith("choice:"):
+        allowed = kind.split(":", 1)[1].split("|")
+        if raw.lower() not in allowed:
+            problems.append((name, "must be one of %s, got %r" % (", ".join(allowed), raw)))
+            return None
+        return raw.lower()
+    if kind == "emails":
+        addresses = [a.strip() for a in raw.split(",") if a.strip()]
+        bad = [a for a in addresses if not EMAIL_RE.match(a)]
+        if bad:
+            problems.append((name, "not an e-mail address: %s" % ", ".join(repr(b) for b in bad)))
+            return None
+        return addresses
+    if kind == "compression":
+        match = COMPRESSION_RE.match(raw.lower())
+        if not match:
+            problems.append((name, "must be gzip, zstd, lz4 or none, optionally with :LEVEL, got %r" % raw))
+            return None
+        return raw.lower()
+    raise ValueError("unknown option type %s" % kind)
+
+
+def validate(raw_values, env_path=None, check_paths=True):
+    """Validate a mapping of raw string values against the option table.
+
+    Returns a :class:`Config`; raises :class:`ConfigError` listing every problem. ``check_paths`` also
+    checks that directories exist (ALF_BASE_DIR, PG_BIN_DIR, PGDATA, CONTENTSTORE_DIR) and that BACKUP_DIR
+    is not inside the contentstore.
+    """
+    problems, warnings, values = [], [], {}
+    for name, kind, default, required, _description, _secret in OPTIONS:
+        raw = raw_values.get(name)
+        raw = raw.strip() if isinstance(raw, str) else raw
+        if raw is None or raw == "":
+            if required:
+                problems.append((name, "is required but not set"))
+                values[name] = None
+                continue
+            raw = default or ""
+        values[name] = _convert(name, kind, raw, problems)
+    unknown = sorted(set(raw_values) - set(OPTION_NAMES))
+    for key in unknown:
+        warnings.append((key, "unknown key, ignored"))
+    if check_paths:
+        _check_paths(values, problems)
+    if values.get("SMTP_HOST") and not values.get("ALERT_EMAIL"):
+        problems.append(("ALERT_EMAIL", "is required when SMTP_HOST is set"))
+    if not values.get("SMTP_HOST"):
+        warnings.append(("SMTP_HOST", "not set: failures will not be e-mailed"))
+    if values.get("SMTP_USER") and not values.get("SMTP_PASSWORD"):
+        warnings.append(("SMTP_PASSWORD", "empty while SMTP_USER is set"))
+    if problems:
+        raise ConfigError(problems, env_path)
+    return Config(values, env_path, warnings)
+
+
+def _check_paths(values, problems):
+    for name in ("ALF_BASE_DIR", "PG_BIN_DIR", "PGDATA", "CONTENTSTORE_DIR"):
+        path = values.get(name)
+        if path and not os.path.isdir(path):
+            problems.append((name, "directory does not exist: %s" % path))
+    backup_dir = values.get("BACKUP_DIR")
+    base = values.get("ALF_BASE_DIR")
+    store = values.get("CONTENTSTORE_DIR") or (base and os.path.join(base, "alf_data", "contentstore"))
+    if backup_dir and store:
+        real_backup, real_store = os.path.realpath(backup_dir), os.path.realpath(store)
+        if real_backup == real_store or real_backup.startswith(real_store.rstrip("/") + "/"):
+            problems.append(("BACKUP_DIR", "must not be inside the contentstore (%s): each snapshot would "
+                             "copy the previous ones" % store))
+    if backup_dir and os.path.exists(backup_dir) and not os.path.isdir(backup_dir):
+        problems.append(("BACKUP_DIR", "exists but is not a directory: %s" % backup_dir))
+    ca_file = values.get("SMTP_CA_FILE")
+    if ca_file and not os.path.isfile(ca_file):
+        problems.append(("SMTP_CA_FILE", "file does not exist: %s" % ca_file))
+
+
+def default_env_path():
+    """``.env`` next to backup.py."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
+
+
+def read_env_file(env_path):
+    """The raw key/value pairs of a ``.env`` file. Raises ConfigError when it cannot be read."""
+    from dotenv import dotenv_values  # imported here so the option table works without the venv
+
+    if not os.path.isfile(env_path):
+        raise ConfigError([("--env", "file not found: %s (copy env.example to .env or run setup.py)"
+                            % env_path)], env_path)
+    try:
+        with open(env_path, encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError([("--env", "cannot read %s: %s" % (env_path, exc.strerror))], env_path)
+    return {k: (v if v is not None else "") for k, v in dotenv_values(env_path).items()}
+
+
+def load_config(env_path=None, check_paths=True):
+    """Read and validate ``env_path`` (default: ``.env`` next to backup.py). Returns a Config.
+
+    Raises ConfigError. Adds a warning when the file is readable or writable by group/others.
+    """
+    env_path = os.path.abspath(env_path or default_env_path())
+    config = validate(read_env_file(env_path), env_path, check_paths)
+    mode = os.stat(env_path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        config.warnings.append(("--env", "%s is readable by other users (mode %o): run chmod 600 %s"
+                                % (env_path, stat.S_IMODE(mode), env_path)))
+    return config
+
+
+MAIL_KEYS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD", "SMTP_TIMEOUT",
+             "SMTP_CA_FILE", "ALERT_EMAIL", "ALERT_FROM", "ALERT_ON")
+
+
+def mail_config(raw_values):
+    """A Config with only the mail options, when they are valid on their own, else None.
+
+    Lets an entry point send the alert for a configuration error elsewhere in the file.
+    """
+    problems, values = [], {}
+    for name, kind, default, _required, _description, _secret in OPTIONS:
+        if name in MAIL_KEYS:
+            raw = (raw_values.get(name) or "").strip() or default or ""
+            values[name] = _convert(name, kind, raw, problems)
+    if problems or not values.get("SMTP_HOST") or not values.get("ALERT_EMAIL"):
+        return None
+    return Config(values, None, [])
+
+
+def env_example():
+    """The text of ``env.example``, generated from the option table."""
+    lines = ["# Alfresco backup configuration. Copy to .env (chmod 600) and edit, or run: python3 setup.py",
+             "# Generated from the option table in config.py (python config.py --env-example).", ""]
+    for name, _kind, default, required, description, secret in OPTIONS:
+        lines.append("# %s%s" % (description, " (required)" if required else ""))
+        if secret:
+            lines.append("# secret: never shown in logs or mails")
+        lines.append("%s=%s" % (name, default or ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_table():
+    """The README's option table, generated from the option table."""
+    rows = ["| Key | Type | Default | Required | Description |", "|---|---|---|---|---|"]
+    for name, kind, default, required, description, secret in OPTIONS:
+        kind = kind.replace("choice:", "one of ").replace("|", ", ")
+        rows.append("| `%s` | %s | %s | %s | %s%s |" % (
+            name, kind, "`%s`" % default if default else "", "yes" if required else "", description,
+            " (secret)" if secret else ""))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--env-example"]:
+        print(env_example())
+    elif sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())
+    else:
+        sys.exit("usage: python config.py --env-example | --markdown")

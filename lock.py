@@ -1,0 +1,89 @@
+"""The backup lock: ``flock(2)`` on ``BACKUP_DIR/backup.lock``.
+
+Exclusive and non-blocking. The holder's PID is written into the file for the message a second run
+prints. The file is never deleted: deleting it would let a third run lock a new inode while the first
+still holds the old one. The kernel releases the lock when the holder dies, however it dies.
+"""
+
+import errno
+import fcntl
+import os
+
+LOCK_NAME = "backup.lock"
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``pid`` is what it wrote into the file (None if unreadable)."""
+
+    def __init__(self, path, pid):
+        self.path = path
+        self.pid = pid
+        super().__init__("another backup is running (pid %s); lock file %s" % (pid if pid else "unknown", path))
+
+
+class BackupLock:
+    """Context manager holding the lock on ``<directory>/backup.lock``.
+
+    ``acquire()`` raises :class:`LockHeld` when another process holds it, OSError when the file cannot be
+    created. ``release()`` is idempotent.
+    """
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(self.path, read_holder(self.path))
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, ("%d\n" % os.getpid()).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            # Empty the PID first so a reader never blames a dead process; keep the file.
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def read_holder(path):
+    """The PID written in the lock file, or None."""
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def is_locked(directory):
+    """True when some process holds the lock right now (tested by trying to take it and letting go)."""
+    lock = BackupLock(directory)
+    try:
+        lock.acquire()
+    except LockHeld:
+        return True
+    except FileNotFoundError:
+        return False
+    lock.release()
+    return False

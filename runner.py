@@ -1,0 +1,300 @@
+"""One night's run as a list of stages, each recorded with its status, duration, size and error.
+
+A failing stage is recorded with what it was doing; later stages still run where that is safe (the
+contentstore is snapshotted even when the database backup failed; retention is skipped after any failed
+backup stage, so a week of failures never thins out the good backups).
+"""
+
+import datetime
+import os
+import time
+import traceback
+
+import alfresco_files
+import catalog
+import contentstore
+import postgres
+import retention
+import subprocess_utils
+import wal
+import wal_config_check
+
+OK, WARN, FAILED, SKIPPED = "OK", "WARN", "FAILED", "SKIPPED"
+EXPECTED_ERRORS = (postgres.PostgresError, contentstore.ContentstoreError, alfresco_files.ConfigCopyError,
+                   subprocess_utils.CommandError, OSError)
+
+
+class Stage:
+    """Result of one stage: ``name``, ``doing`` (what it was doing), ``status``, ``duration``, ``size``,
+    ``detail``, ``error``, ``tool_output`` (tail of the failing tool's stderr)."""
+
+    def __init__(self, name, doing):
+        self.name = name
+        self.doing = doing
+        self.status = SKIPPED
+        self.duration = 0.0
+        self.size = None
+        self.detail = ""
+        self.error = None
+        self.tool_output = ""
+
+    def as_dict(self):
+        return {"name": self.name, "status": self.status, "duration": self.duration, "size": self.size,
+                "detail": self.error or self.detail}
+
+
+def _name_time():
+    return datetime.datetime.now().replace(microsecond=0)
+
+
+def unique_name(backup_dir, kind):
+    """A backup name for now that no directory (final or partial) uses yet."""
+    while True:
+        name = catalog.backup_name(kind, _name_time())
+        base = os.path.join(catalog.kind_dir(backup_dir, kind), name)
+        if not os.path.exists(base) and not os.path.exists(base + catalog.PARTIAL_SUFFIX):
+            return name
+        time.sleep(1)
+
+
+class Night:
+    """Runs the stages of one night against ``cfg`` and keeps their results."""
+
+    def __init__(self, cfg, log):
+        self.cfg = cfg
+        self.log = log
+        self.stages = []
+        self.base_info = None
+        self.current_names = set()
+        self.archive_report = None
+
+    def stage(self, name, doing, func):
+        """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
+        stage = Stage(name, doing)
+        self.stages.append(stage)
+        self.log.info("== %s: %s", name, doing)
+        started = time.monotonic()
+        try:
+            result = func(stage)
+            stage.status, stage.detail = result if result else (OK, stage.detail)
+        except EXPECTED_ERRORS as exc:
+            stage.status, stage.error = FAILED, "%s: %s" % (doing, exc)
+            stage.tool_output = getattr(exc, "stderr_tail", "") or ""
+            self.log.error("%s FAILED while %s: %s", name, doing, exc)
+        except Exception as exc:
+            stage.status, stage.error = FAILED, "%s: unexpected %s: %s" % (doing, type(exc).__name__, exc)
+            self.log.error("%s FAILED while %s:\n%s", name, doing, traceback.format_exc())
+        stage.duration = time.monotonic() - started
+        if stage.status == WARN:
+            self.log.warning("%s: %s", name, stage.detail)
+        return stage
+
+    def skip(self, name, reason):
+        stage = Stage(name, reason)
+        stage.detail = reason
+        self.stages.append(stage)
+        self.log.warning("%s SKIPPED: %s", name, reason)
+
+    def run_all(self):
+        cfg = self.cfg
+        self.stage("wal_config", "checking the server's WAL settings", self._check_wal_config)
+        self.stage("postgres", "taking the PostgreSQL base backup", self._base_backup)
+        self.stage("contentstore", "snapshotting the contentstore %s" % cfg.contentstore_dir, self._snapshot)
+        self.stage("config", "copying the keystore and Alfresco configuration", self._copy_config)
+        if self.base_info:
+            self.stage("wal_archive", "waiting for the base backup's WAL to reach %s" % cfg.wal_archive_dir,
+                       self._complete_base_backup)
+        else:
+            self.skip("wal_archive", "no base backup was taken tonight")
+        backup_failed = [s.name for s in self.stages if s.status == FAILED and s.name != "wal_config"]
+        if backup_failed:
+            self.skip("retention", "a backup stage failed (%s): nothing is deleted after a failed night"
+                      % ", ".join(backup_failed))
+        else:
+            self.stage("retention", "applying retention (%d days)" % cfg.RETENTION_DAYS, self._retention)
+
+    def record_unexpected(self, exc):
+        stage = Stage("run", "running the backup")
+        stage.status, stage.error = FAILED, "unexpected %s: %s" % (type(exc).__name__, exc)
+        self.stages.append(stage)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _check_wal_config(self, stage):
+        conn = postgres.connect(self.cfg)
+        try:
+            checks = wal_config_check.evaluate(wal_config_check.read_settings(conn))
+        finally:
+            conn.close()
+        for check in checks:
+            self.log.info("check %-22s %-4s %s", check.name, check.status, check.message)
+        bad = wal_config_check.failed(checks)
+        if bad:
+            raise postgres.PostgresError("; ".join("%s: %s" % (c.name, c.message) for c in bad))
+        warnings = [c for c in checks if c.status == wal_config_check.WARN]
+        if warnings:
+            return WARN, "; ".join(c.message for c in warnings)
+        return None
+
+    def _base_backup(self, stage):
+        conn = postgres.connect(self.cfg)
+        try:
+            server = postgres.server_facts(conn)
+        finally:
+            conn.close()
+        name = unique_name(self.cfg.BACKUP_DIR, "postgres")
+        self.current_names.add(name)
+        info = postgres.take_base_backup(self.cfg, server, catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"),
+                                         name, self.log)
+        self.base_info = info
+        stage.size = info["size_bytes"]
+        stage.detail = "%s (start %s, stop %s)" % (name, info["start_wal_file"], info["stop_wal_file"])
+        return None
+
+    def _snapshot(self, stage):
+        name = unique_name(self.cfg.BACKUP_DIR, "contentstore")
+        self.current_names.add(name)
+        info = contentstore.take_snapshot(self.cfg.contentstore_dir, self.cfg.BACKUP_DIR, name, self.log,
+                                          timeout=self.cfg.RSYNC_TIMEOUT)
+        stage.size = info.get("bytes_copied")
+        stage.detail = "%s: %s files, %s bytes copied, %s bytes hardlinked" % (
+            name, info.get("files"), info.get("bytes_copied"), info.get("bytes_linked"))
+        if info["warnings"]:
+            return WARN, "; ".join(info["warnings"])
+        return None
+
+    def _copy_config(self, stage):
+        name = unique_name(self.cfg.BACKUP_DIR, "config")
+        self.current_names.add(name)
+        info, warnings = alfresco_files.copy_config(self.cfg.ALF_BASE_DIR, self.cfg.BACKUP_DIR, name, self.log)
+        stage.size = info["size_bytes"]
+        stage.detail = "%s: %s" % (name, ", ".join(info["items"]))
+        return (WARN, "; ".join(warnings)) if warnings else None
+
+    def _complete_base_backup(self, stage):
+        info = self.base_info
+        path = os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"), info["name"])
+        needed = info["stop_wal_file"]
+        if wal.wait_for_file(self.cfg.wal_archive_dir, needed, self.cfg.WAL_WAIT_TIMEOUT):
+            info["status"] = catalog.DONE
+            info["wal_archived_at"] = catalog.utc_now_iso()
+            catalog.write_info(path, info)
+            stage.detail = "%s is DONE: WAL up to %s is archived" % (info["name"], needed)
+            return None
+        reason = archiver_reason(self.cfg)
+        info["status"] = catalog.FAILED
+        info["error"] = "WAL segment %s did not reach %s within %d s%s" % (
+            needed, self.cfg.wal_archive_dir, self.cfg.WAL_WAIT_TIMEOUT, reason)
+        catalog.write_info(path, info)
+        raise postgres.PostgresError(info["error"])
+
+    def _retention(self, stage):
+        entries = retention.collect(self.cfg.BACKUP_DIR)
+        plan = retention.plan_retention(entries, datetime.datetime.now(), self.cfg.RETENTION_DAYS,
+                                        min_count=max(1, self.cfg.RETENTION_MIN_COUNT), lock_free=True,
+                                        current_names=self.current_names)
+        for line in plan.format().splitlines():
+            self.log.info("retention: %s", line)
+        result = retention.apply_plan(plan, self.log)
+        pruned = prune_wal(self.cfg, plan, self.log)
+        stage.detail = "deleted %d backups, %d WAL files" % (len(result.deleted), pruned)
+        problems = ["could not delete %s: %s" % item for item in result.failed] + list(plan.warnings)
+        return (WARN, "; ".join(problems)) if problems else None
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    @property
+    def ok(self):
+        return all(s.status != FAILED for s in self.stages)
+
+    def first_failure(self):
+        return next((s for s in self.stages if s.status == FAILED), None)
+
+    def stage_dicts(self):
+        return [s.as_dict() for s in self.stages]
+
+    def extra_sections(self):
+        return []
+
+    def summary(self, total_seconds):
+        lines = ["", "Backup summary (%s)" % ("OK" if self.ok else "FAILED"),
+                 "%-14s %-8s %10s %12s  %s" % ("stage", "status", "duration", "size", "detail")]
+        for s in self.stages:
+            lines.append("%-14s %-8s %9.1fs %12s  %s" % (s.name, s.status, s.duration,
+                                                          human_size(s.size), s.error or s.detail))
+        lines.append("total %.1f s; backups in %s" % (total_seconds, self.cfg.BACKUP_DIR))
+        return "\n".join(lines)
+
+
+def human_size(size):
+    if size is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
+        size /= 1024.0
+    return str(size)
+
+
+def archiver_reason(cfg):
+    """'; the archiver's last failure: <segment> at <time>' from pg_stat_archiver, or ''."""
+    try:
+        conn = postgres.connect(cfg)
+        try:
+            rows = postgres.query(conn, "SELECT last_failed_wal, last_failed_time, last_archived_wal, "
+                                        "last_archived_time, failed_count FROM pg_stat_archiver")
+        finally:
+            conn.close()
+    except postgres.PostgresError as exc:
+        return "; pg_stat_archiver could not be read: %s" % exc
+    failed_wal, failed_time, archived_wal, archived_time, failed_count = rows[0]
+    if failed_wal and (archived_time is None or failed_time > archived_time):
+        return ("; archive_command is failing: last failed segment %s at %s (%d failures), last success %s; "
+                "see the PostgreSQL log" % (failed_wal, failed_time, failed_count, archived_wal or "never"))
+    return "; pg_stat_archiver shows no failure (last archived %s): is archive_command writing to %s?" % (
+        archived_wal or "nothing", cfg.wal_archive_dir)
+
+
+def prune_wal(cfg, plan, log):
+    """Delete archived WAL older than the oldest kept DONE base backup's start segment. Returns a count."""
+    if not plan.wal_keep_from or not os.path.isdir(cfg.wal_archive_dir):
+        return 0
+    names = wal.wal_prune_plan(wal.archive_segments(cfg.wal_archive_dir), plan.wal_keep_from,
+                               keep=plan.keep_backup_labels)
+    if names:
+        log.info("pruning %d WAL files older than %s", len(names), plan.wal_keep_from)
+    return wal.apply_prune(cfg.wal_archive_dir, names)
+
+
+def dry_run(cfg, retention_only=False):
+    """Print what a run would do; change nothing. Returns an exit code."""
+    print("Configuration %s" % cfg.env_path)
+    if not retention_only:
+        env = subprocess_utils.base_env()
+        try:
+            bin_dir = postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR)
+            tool, client_num = postgres.client_version(bin_dir, env)
+            print("pg_basebackup: %s (PostgreSQL %s)" % (tool, postgres.version_label(client_num)))
+            conn = postgres.connect(cfg)
+            server = postgres.server_facts(conn)
+            conn.close()
+            plan = postgres.basebackup_plan(client_num, server["version_num"], cfg.PG_COMPRESSION, "label")
+            print("would run: %s -D %s/postgres/base-<time>.partial %s" % (
+                tool, cfg.BACKUP_DIR, " ".join(plan.args)))
+            for note in plan.notes:
+                print("note: %s" % note)
+        except postgres.PostgresError as exc:
+            print("PostgreSQL: %s" % exc)
+        previous = catalog.newest_done(cfg.BACKUP_DIR, "contentstore")
+        print("would run: %s" % " ".join(contentstore.rsync_argv(
+            cfg.contentstore_dir, os.path.join(cfg.BACKUP_DIR, "contentstore", "contentstore-<time>.partial"),
+            previous.path if previous else None)))
+        print("would copy: %s" % ", ".join(os.path.join(cfg.ALF_BASE_DIR, rel)
+                                           for _w, rel, _t in alfresco_files.ITEMS))
+        print("would wait up to %d s for the backup's WAL in %s" % (cfg.WAL_WAIT_TIMEOUT, cfg.wal_archive_dir))
+    plan = retention.plan_retention(retention.collect(cfg.BACKUP_DIR), datetime.datetime.now(),
+                                    cfg.RETENTION_DAYS, min_count=max(1, cfg.RETENTION_MIN_COUNT),
+                                    lock_free=False)
+    print("retention plan (%d days, keep at least %d):" % (cfg.RETENTION_DAYS, max(1, cfg.RETENTION_MIN_COUNT)))
+    print(plan.format())
+    return 0

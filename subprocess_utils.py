@@ -1,0 +1,209 @@
+"""The one place where this project runs external commands.
+
+Every command goes through :func:`run`: an argv list (never a shell), an explicit environment, a
+timeout that kills the command's whole process group, the command line logged with secrets masked,
+output streamed line by line to the log, and one exception type, :class:`CommandError`, that carries
+the exit code and the tail of stderr.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+
+LOG = logging.getLogger("subprocess")
+
+# How many trailing stderr lines an error keeps: enough to show pg_basebackup's or rsync's reason.
+STDERR_TAIL_LINES = 20
+MASK = "********"
+
+
+class CommandError(Exception):
+    """An external command failed: could not start, exited non-zero, or ran past its timeout.
+
+    Attributes: ``argv`` (masked), ``returncode`` (None when it never ran or was killed for a timeout),
+    ``stderr_tail`` (last lines of stderr), ``timed_out`` (bool), ``not_found`` (bool).
+    """
+
+    def __init__(self, message, argv, returncode=None, stderr_tail="", timed_out=False, not_found=False):
+        super().__init__(message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.timed_out = timed_out
+        self.not_found = not_found
+
+
+class CommandResult:
+    """What a finished command produced: ``returncode``, ``stdout`` and ``stderr`` as text."""
+
+    def __init__(self, argv, returncode, stdout, stderr, duration):
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.duration = duration
+
+
+def mask(text, secrets):
+    """Return ``text`` with every non-empty secret replaced by a mask."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def base_env(extra=None):
+    """A minimal explicit environment: PATH, HOME, LANG/LC_ALL (C, so tool output parses), plus ``extra``.
+
+    Nothing else from the caller's environment leaks in (no stray PGPASSWORD, no PG* surprises).
+    """
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "LANG": "C",
+        "LC_ALL": "C",
+    }
+    if "TZ" in os.environ:
+        env["TZ"] = os.environ["TZ"]
+    for key, value in (extra or {}).items():
+        if value is not None:
+            env[key] = str(value)
+    return env
+
+
+def _pump(stream, sink, log, level, prefix, secrets):
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        sink.append(line)
+        log.log(level, "%s%s", prefix, mask(line, secrets))
+    stream.close()
+
+
+def _kill_group(proc):
+    """SIGTERM the process group, then SIGKILL it if it has not gone within 5 seconds."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, stdout_level=logging.INFO,
+        stdin_data=None, what=None):
+    """Run ``argv`` and wait for it.
+
+    Inputs: ``argv`` list of strings; ``env`` the complete environment (build it with :func:`base_env`);
+    ``timeout`` seconds or None/0 for none; ``secrets`` strings masked wherever the command or its
+    output is logged; ``ok_codes`` exit codes that count as success; ``stdin_data`` bytes fed to stdin.
+    ``what`` a short phrase ("taking the base backup") used in error messages.
+    Output: a :class:`CommandResult` (stdout/stderr also kept in memory; do not use for huge output).
+    Raises :class:`CommandError` when the program is missing, times out or exits with a code not in
+    ``ok_codes``.
+    """
+    log = log or LOG
+    argv = [str(a) for a in argv]
+    shown = mask(" ".join(argv), secrets)
+    label = what or os.path.basename(argv[0])
+    log.info("running: %s", shown)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    except FileNotFoundError:
+        raise CommandError("%s: program not found: %s" % (label, argv[0]), shown, not_found=True)
+    except PermissionError as exc:
+        raise CommandError("%s: cannot execute %s: %s" % (label, argv[0], exc), shown, not_found=True)
+    out_lines, err_lines = [], deque(maxlen=5000)
+    name = os.path.basename(argv[0])
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, out_lines, log, stdout_level, name + ": ", secrets)),
+        threading.Thread(target=_pump, args=(proc.stderr, err_lines, log, logging.INFO, name + ": ", secrets)),
+    ]
+    for thread in pumps:
+        thread.daemon = True
+        thread.start()
+    if stdin_data is not None:
+        try:
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        log.error("%s: still running after %s s, stopping its whole process group", label, timeout)
+        _kill_group(proc)
+    except BaseException:
+        # Interrupted (Ctrl-C, our own SIGTERM handler): never leave the child running behind us.
+        _kill_group(proc)
+        raise
+    for thread in pumps:
+        thread.join(timeout=10)
+    duration = time.monotonic() - started
+    tail = mask("\n".join(list(err_lines)[-STDERR_TAIL_LINES:]), secrets)
+    if timed_out:
+        raise CommandError("%s: timed out after %s s" % (label, timeout), shown, None, tail, timed_out=True)
+    if proc.returncode not in ok_codes:
+        code = proc.returncode
+        reason = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
+        last = tail.strip().splitlines()[-1] if tail.strip() else "no error output"
+        raise CommandError("%s failed (%s): %s" % (label, reason, last), shown, code, tail)
+    return CommandResult(shown, proc.returncode, "\n".join(out_lines), "\n".join(err_lines), duration)
+
+
+def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=None):
+    """Run ``argv`` and hand its stdout (a binary file object) to ``consume(stream)``.
+
+    For output too big to keep in memory (e.g. ``zstd -dc base.tar.zst`` read by tarfile). stderr is
+    logged. Returns what ``consume`` returned. Raises CommandError on a non-zero exit or timeout; an
+    exception from ``consume`` kills the command and propagates.
+    """
+    log = log or LOG
+    argv = [str(a) for a in argv]
+    shown = mask(" ".join(argv), secrets)
+    label = what or os.path.basename(argv[0])
+    log.info("running: %s", shown)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise CommandError("%s: cannot run %s: %s" % (label, argv[0], exc), shown, not_found=True)
+    err_lines = deque(maxlen=STDERR_TAIL_LINES)
+    pump = threading.Thread(target=_pump, args=(proc.stderr, err_lines, log, logging.INFO,
+                                                os.path.basename(argv[0]) + ": ", secrets))
+    pump.daemon = True
+    pump.start()
+    timer = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
+    if timer:
+        timer.start()
+    try:
+        result = consume(proc.stdout)
+        proc.stdout.read()  # drain, so the producer is not killed by SIGPIPE after a short consumer
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        proc.wait()
+        if timer:
+            timer.cancel()
+        pump.join(timeout=10)
+    tail = mask("\n".join(err_lines), secrets)
+    if proc.returncode != 0:
+        code = proc.returncode
+        raise CommandError("%s failed (%s): %s" % (label, "killed by signal %d" % -code if code < 0
+                                                    else "exit code %d" % code,
+                                                    tail.strip().splitlines()[-1] if tail.strip() else ""),
+                           shown, code, tail)
+    return result
