@@ -149,6 +149,9 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO)
         email_alert.notify(cfg, False, subject, body, LOG, secrets=cfg.secrets())
         return EXIT_LOCKED
+    except OSError as exc:
+        return config_error_exit(config.ConfigError([("BACKUP_DIR", "cannot take the lock: %s" % exc)]),
+                                 env_path)
     try:
         log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())
         for key, message in cfg.warnings:

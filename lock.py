@@ -33,7 +33,19 @@ class BackupLock:
         self._fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError:
+            # Someone else's lock file (e.g. left by a run as root): tell "held" from "unusable".
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise LockHeld(self.path, read_holder(self.path))
+            finally:
+                os.close(fd)
+            raise PermissionError(errno.EACCES, "lock file %s is not writable by this user (uid %d): fix its "
+                                  "owner (chown) so backups run as one user" % (self.path, os.getuid()))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
