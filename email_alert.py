@@ -1,0 +1,412 @@
+"""E-mail alerts for backup, setup and restore runs (standard library ``smtplib`` only).
+
+Three layers:
+
+* :func:`mail_enabled` / :func:`should_send` decide from the configuration whether a mail goes out;
+* :func:`build_report` turns a run's stages into a subject and a plain-text body (pure, no I/O);
+* :func:`send_mail` delivers it over SMTP with verified TLS and raises :class:`AlertError`;
+  :func:`notify` wraps it for the entry points and never raises, because a broken mail server must not
+  change the result or exit code of the backup itself.
+
+The configuration object is read with ``getattr(cfg, NAME, default)``, so anything with the attributes
+``SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_SECURITY, SMTP_TIMEOUT, SMTP_CA_FILE,
+ALERT_EMAIL, ALERT_FROM, ALERT_ON`` works (config.py's object, or a ``types.SimpleNamespace``).
+"""
+
+import email.utils
+import logging
+import re
+import smtplib
+import socket
+import ssl
+from email.message import EmailMessage
+
+from subprocess_utils import mask
+
+LOG = logging.getLogger("email_alert")
+
+SUBJECT_PREFIX = "[alfresco-backup]"
+SECURITY_MODES = ("starttls", "ssl", "none")
+ALERT_ON_MODES = ("failure", "always", "never")
+DEFAULT_TIMEOUT = 30
+# At most this many lines of a tool's output go into a mail: the end of stderr carries the reason,
+# and a mail of megabytes would be rejected or unread.
+MAX_TAIL_LINES = 60
+
+# Reasons already warned about in this process: a run that fails several times must not repeat them.
+_WARNED = set()
+
+
+class AlertError(Exception):
+    """An alert e-mail could not be sent. The message names host:port and the cause, never a secret."""
+
+
+def _get(cfg, name, default):
+    value = getattr(cfg, name, default)
+    return default if value is None else value
+
+
+def _recipients(cfg):
+    value = _get(cfg, "ALERT_EMAIL", [])
+    if isinstance(value, str):
+        # Tolerate an unparsed "a@x, b@y" so a config slip does not silence every alert.
+        value = re.split(r"[,;\s]+", value)
+    return [str(addr).strip() for addr in value if str(addr).strip()]
+
+
+def _alert_on(cfg):
+    value = str(_get(cfg, "ALERT_ON", "failure")).strip().lower()
+    # An unknown value must not silence failure mails: treat it like the default.
+    return value if value in ALERT_ON_MODES else "failure"
+
+
+def mail_enabled(cfg):
+    """Whether alert mail is configured at all.
+
+    Input: the config object. Output: ``(True, "")`` or ``(False, reason)`` where reason is a
+    one-line explanation (no SMTP_HOST, no ALERT_EMAIL, ALERT_ON=never). Raises nothing.
+    """
+    if not str(_get(cfg, "SMTP_HOST", "")).strip():
+        return False, "no SMTP_HOST: e-mail alerts are disabled"
+    if not _recipients(cfg):
+        return False, "no ALERT_EMAIL: e-mail alerts are disabled"
+    if _alert_on(cfg) == "never":
+        return False, "ALERT_ON=never: e-mail alerts are disabled"
+    return True, ""
+
+
+def should_send(cfg, failed):
+    """Whether a run with this outcome is mailed.
+
+    Inputs: the config object, ``failed`` (bool). Output: True for a failure when ALERT_ON is
+    failure/always, for a success only when ALERT_ON is always; False when mail is disabled.
+    """
+    if not mail_enabled(cfg)[0]:
+        return False
+    mode = _alert_on(cfg)
+    if failed:
+        return mode in ("failure", "always")
+    return mode == "always"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def human_size(size):
+    """Bytes as ``"512 B"``, ``"1.5 MiB"``...; ``"-"`` for None."""
+    if size is None:
+        return "-"
+    size = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024.0
+    return "-"  # unreachable
+
+
+def human_duration(seconds):
+    """Seconds as ``"4.2 s"``, ``"3 min 07 s"``, ``"2 h 05 min"``; ``"-"`` for None."""
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {(whole % 3600) // 60:02d} min"
+
+
+def _stage_field(stage, name, default=None):
+    if isinstance(stage, dict):
+        value = stage.get(name, default)
+    else:
+        value = getattr(stage, name, default)
+    return default if value is None else value
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _indent(text, prefix="    "):
+    return "\n".join(prefix + line for line in str(text).splitlines())
+
+
+def _tail_text(tail):
+    if not tail:
+        return ""
+    lines = tail.splitlines() if isinstance(tail, str) else [str(line) for line in tail]
+    lines = [line.rstrip() for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) > MAX_TAIL_LINES:
+        omitted = len(lines) - MAX_TAIL_LINES
+        lines = [f"[... {omitted} earlier lines omitted ...]"] + lines[-MAX_TAIL_LINES:]
+    return "\n".join(lines)
+
+
+def _stage_table(stages):
+    header = ("Stage", "Status", "Duration", "Size", "Detail")
+    rows = [(s["name"], s["status"], human_duration(s["duration"]), human_size(s["size"]),
+             _one_line(s["detail"])) for s in stages]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(4)]
+    lines = []
+    for row in [header, tuple("-" * w for w in widths) + ("------",)] + rows:
+        cells = [row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in range(4)]
+        lines.append(("  " + "  ".join(cells) + "  " + row[4]).rstrip())
+    return "\n".join(lines)
+
+
+def build_report(hostname, ok, stages, error=None, tool_output_tail="", log_path=None, extra_sections=None):
+    """Subject and plain-text body describing one run. Pure: no I/O, no clock.
+
+    Inputs: ``hostname``; ``ok`` (the run's overall result); ``stages``, a list of dicts or objects with
+    ``name``, ``status`` ("OK"/"WARN"/"FAILED"/"SKIPPED"), ``duration`` (seconds or None), ``size``
+    (bytes or None), ``detail`` (what the stage did or was doing); ``error`` (the failure's text);
+    ``tool_output_tail`` (str or list of lines, last lines of the failing tool's output; at most
+    MAX_TAIL_LINES are kept); ``log_path``; ``extra_sections``, a list of ``(title, text)``.
+    Output: ``(subject, body)``. Raises nothing for well-formed input.
+    """
+    views = [{"name": str(_stage_field(s, "name", "?")),
+              "status": str(_stage_field(s, "status", "?")).upper(),
+              "duration": _stage_field(s, "duration"),
+              "size": _stage_field(s, "size"),
+              "detail": str(_stage_field(s, "detail", ""))} for s in (stages or ())]
+    failed = [s for s in views if s["status"] == "FAILED"]
+    warned = [s for s in views if s["status"] == "WARN"]
+    host = _one_line(hostname or "unknown host")
+
+    if not ok:
+        verdict = "FAILED"
+        subject = f"{SUBJECT_PREFIX} FAILED on {host}"
+        if failed:
+            subject += ": " + failed[0]["name"]
+    elif warned:
+        verdict = "OK with warnings"
+        subject = f"{SUBJECT_PREFIX} OK with warnings on {host}"
+    else:
+        verdict = "OK"
+        subject = f"{SUBJECT_PREFIX} OK on {host}"
+
+    parts = [f"Alfresco backup run on {host}: {verdict}"]
+    if not ok:
+        lines = []
+        if failed:
+            lines.append("Failed stage: {}".format(failed[0]["name"]))
+            if failed[0]["detail"]:
+                lines.append("What it was doing: {}".format(_one_line(failed[0]["detail"])))
+        if error:
+            error_lines = str(error).strip().splitlines() or [""]
+            lines.append(f"Error: {error_lines[0]}")
+            lines.extend("       " + line for line in error_lines[1:])
+        if lines:
+            parts.append("\n".join(lines))
+    elif error:
+        parts.append(f"Note: {str(error).strip()}")
+    tail = _tail_text(tool_output_tail)
+    if tail:
+        parts.append("Last lines of the tool's output:\n" + _indent(tail, "    | "))
+    if warned:
+        parts.append("Warnings:\n" + "\n".join(
+            "  - {}: {}".format(s["name"], _one_line(s["detail"]) or "warning") for s in warned))
+    if views:
+        parts.append("Stages:\n" + _stage_table(views))
+    else:
+        parts.append("Stages: none ran.")
+    if log_path:
+        parts.append(f"Log file: {log_path}")
+    for title, text in extra_sections or ():
+        parts.append(f"== {_one_line(title)} ==\n{str(text).rstrip()}")
+    return subject, "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- sending
+
+def _default_from():
+    return f"alfresco-backup@{socket.getfqdn()}"
+
+
+def _secret_list(secrets, password):
+    found = {str(s) for s in tuple(secrets or ()) + (password,) if s}
+    # Longest first, so a secret containing another one is masked whole.
+    return sorted(found, key=len, reverse=True)
+
+
+def _tls_context(ca_file):
+    # create_default_context: CERT_REQUIRED + check_hostname; a private CA is added, never a bypass.
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def _describe(exc, timeout, user):
+    """One line saying why the SMTP conversation failed (no secrets: callers mask it anyway)."""
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return f"authentication failed for user {user!r}: {_smtp_reply(exc)}"
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "server refused the recipients: {}".format("; ".join(
+            f"{addr} ({_reply_text(code, msg)})" for addr, (code, msg) in sorted(exc.recipients.items())))
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return f"server refused the sender {exc.sender}: {_smtp_reply(exc)}"
+    if isinstance(exc, smtplib.SMTPDataError):
+        return f"server refused the message: {_smtp_reply(exc)}"
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return f"server lacks a required extension: {exc}"
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        # smtplib reports a read timeout as "Connection unexpectedly closed: timed out".
+        if isinstance(exc.__context__, (socket.timeout, TimeoutError)):
+            return f"timed out after {timeout:g} s without an answer"
+        return f"server closed the connection unexpectedly ({exc or 'no reply'})"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"unexpected server reply: {_smtp_reply(exc)}"
+    if isinstance(exc, smtplib.SMTPException):
+        return f"SMTP error: {exc}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = getattr(exc, "verify_message", None) or str(exc)
+        return (f"TLS certificate verification failed: {why} (set SMTP_CA_FILE to the CA bundle that signed "
+                "the server's certificate if it is a private CA)")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"timed out after {timeout:g} s without an answer"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is an SMTP server listening on this port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc}"
+    if isinstance(exc, UnicodeError):
+        return f"cannot encode the message or credentials: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _reply_text(code, msg):
+    if isinstance(msg, bytes):
+        msg = msg.decode("utf-8", "replace")
+    return f"{code} {_one_line(msg)}"
+
+
+def _smtp_reply(exc):
+    return _reply_text(getattr(exc, "smtp_code", "?"), getattr(exc, "smtp_error", ""))
+
+
+def _connect(host, port, security, timeout, context):
+    if security == "ssl":
+        return smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+    client = smtplib.SMTP(host, port, timeout=timeout)
+    try:
+        if security == "starttls":
+            client.ehlo()
+            # smtplib passes server_hostname=host, so the certificate is checked against SMTP_HOST.
+            client.starttls(context=context)
+            client.ehlo()
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def send_mail(cfg, subject, body, secrets=()):
+    """Send one plain-text mail to every ALERT_EMAIL recipient.
+
+    Inputs: the config object; ``subject``/``body`` text; ``secrets``, strings that must not appear
+    in the mail (SMTP_PASSWORD is added): each is replaced by a mask in subject and body first.
+    Connection per SMTP_SECURITY: "ssl" (implicit TLS), "starttls" (required, not opportunistic) or
+    "none" (plain); TLS always verifies the certificate and the host name, trusting the system store
+    plus SMTP_CA_FILE when set. SMTP_TIMEOUT bounds the connect and each later socket operation.
+    Logs in only when SMTP_USER is set. Output: None.
+    Raises :class:`AlertError` (host:port, mode and cause; never a secret) on any failure, including
+    a server that accepted some recipients but refused others.
+    """
+    host = str(_get(cfg, "SMTP_HOST", "")).strip()
+    security = str(_get(cfg, "SMTP_SECURITY", "starttls") or "starttls").strip().lower()
+    port = int(_get(cfg, "SMTP_PORT", 0) or (465 if security == "ssl" else 587))
+    timeout = float(_get(cfg, "SMTP_TIMEOUT", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
+    user = str(_get(cfg, "SMTP_USER", ""))
+    password = str(_get(cfg, "SMTP_PASSWORD", ""))
+    ca_file = str(_get(cfg, "SMTP_CA_FILE", ""))
+    recipients = _recipients(cfg)
+    sender = str(_get(cfg, "ALERT_FROM", "")).strip() or _default_from()
+    hidden = _secret_list(secrets, password)
+    where = f"{host}:{port} ({security})"
+
+    def fail(reason, cause=None):
+        raise AlertError(mask(f"cannot send alert e-mail via {where}: {reason}", hidden)) from cause
+
+    if not host:
+        fail("SMTP_HOST is empty")
+    if not recipients:
+        fail("ALERT_EMAIL is empty")
+    if security not in SECURITY_MODES:
+        fail("SMTP_SECURITY must be one of {}, not {!r}".format(", ".join(SECURITY_MODES), security))
+
+    try:
+        msg = EmailMessage()
+        msg["Subject"] = _one_line(mask(subject, hidden))
+        msg["From"] = sender
+        msg["To"] = ", ".join(recipients)
+        msg["Date"] = email.utils.formatdate(localtime=True)
+        msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or "localhost")
+        msg.set_content(mask(body, hidden))
+    except (ValueError, TypeError) as exc:
+        fail(f"cannot build the message: {exc}", exc)
+
+    context = None
+    if security != "none":
+        try:
+            context = _tls_context(ca_file)
+        except (OSError, ValueError) as exc:
+            fail(f"cannot load SMTP_CA_FILE {ca_file!r}: {exc}", exc)
+
+    client = None
+    try:
+        client = _connect(host, port, security, timeout, context)
+        if user:
+            client.login(user, password)
+        refused = client.send_message(msg, from_addr=sender, to_addrs=recipients)
+    except (smtplib.SMTPException, OSError, ValueError) as exc:
+        if client is not None:
+            client.close()
+        fail(_describe(exc, timeout, user), exc)
+    try:
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        pass  # The message was accepted; a failed goodbye changes nothing.
+    finally:
+        client.close()
+    if refused:
+        fail("message accepted for {} but refused for {}".format(
+            ", ".join(r for r in recipients if r not in refused),
+            "; ".join(f"{addr} ({_reply_text(code, text)})" for addr, (code, text) in sorted(refused.items()))))
+
+
+def notify(cfg, ok, subject, body, log=None, secrets=()):
+    """Send the run's alert if the configuration asks for it; for entry points only.
+
+    Inputs: the config object; ``ok`` (the run's result); subject/body (from :func:`build_report`);
+    ``log`` (a logger; the module's when None); ``secrets`` to mask. Output: True when the mail was
+    sent, False when not wanted, disabled or failed. Never raises: a mail problem is logged at ERROR
+    and must not change the run's outcome. When mail is disabled (no SMTP_HOST or no ALERT_EMAIL) and
+    this run failed, warns once per process that nobody will be told.
+    """
+    log = log or LOG
+    hidden = ()
+    try:
+        hidden = _secret_list(secrets, _get(cfg, "SMTP_PASSWORD", ""))
+        enabled, reason = mail_enabled(cfg)
+        if not enabled:
+            if not ok and _alert_on(cfg) != "never" and reason not in _WARNED:
+                _WARNED.add(reason)
+                log.warning("%s", reason)
+            return False
+        if not should_send(cfg, not ok):
+            return False
+        send_mail(cfg, subject, body, secrets=secrets)
+        log.info("alert e-mail sent to %s", ", ".join(_recipients(cfg)))
+        return True
+    except AlertError as exc:
+        log.error("%s", exc)
+    except Exception as exc:  # a mail problem, or a bug here, must never end or change the run
+        try:
+            text = mask(f"cannot send alert e-mail: {type(exc).__name__}: {exc}", hidden)
+        except Exception:  # an exception whose str() fails
+            text = f"cannot send alert e-mail: {type(exc).__name__}"
+        log.error("%s", text)
+    return False
+
