@@ -66,7 +66,7 @@ class Night:
         self.stages = []
         self.base_info = None
         self.current_names = set()
-        self.archive_report = None
+        self.window = None
 
     def stage(self, name, doing, func):
         """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
@@ -106,7 +106,9 @@ class Night:
                        self._complete_base_backup)
         else:
             self.skip("wal_archive", "no base backup was taken tonight")
-        backup_failed = [s.name for s in self.stages if s.status == FAILED and s.name != "wal_config"]
+        self.stage("wal_health", "checking the WAL archive and the recovery window", self._wal_health)
+        backup_failed = [s.name for s in self.stages
+                         if s.status == FAILED and s.name not in ("wal_config", "wal_health")]
         if backup_failed:
             self.skip("retention", "a backup stage failed (%s): nothing is deleted after a failed night"
                       % ", ".join(backup_failed))
@@ -188,6 +190,23 @@ class Night:
         catalog.write_info(path, info)
         raise postgres.PostgresError(info["error"])
 
+    def _wal_health(self, stage):
+        import status  # late: status imports runner for archiver_reason
+
+        facts = status.collect(self.cfg)
+        _state, reasons, window = status.assess(facts, datetime.datetime.now(datetime.timezone.utc),
+                                                self.cfg.BACKUP_MAX_AGE_HOURS, self.cfg.WAL_MAX_AGE_HOURS,
+                                                include_backups=False)
+        self.window = window
+        stage.detail = ("recovery window: any moment from %s to %s" % (window["from"], window["to"])
+                        if window else "no recovery window yet")
+        critical = [r for r in reasons if r.startswith("CRITICAL")]
+        if critical:
+            raise postgres.PostgresError("; ".join(critical))
+        if reasons:
+            return WARN, "; ".join(reasons) + "; " + stage.detail
+        return None
+
     def _retention(self, stage):
         entries = retention.collect(self.cfg.BACKUP_DIR)
         plan = retention.plan_retention(entries, datetime.datetime.now(), self.cfg.RETENTION_DAYS,
@@ -214,7 +233,10 @@ class Night:
         return [s.as_dict() for s in self.stages]
 
     def extra_sections(self):
-        return []
+        if self.window:
+            return [("Recovery window", "You can restore the database to any moment from %s to %s."
+                     % (self.window["from"], self.window["to"]))]
+        return [("Recovery window", "None: no complete base backup with an unbroken WAL chain.")]
 
     def summary(self, total_seconds):
         lines = ["", "Backup summary (%s)" % ("OK" if self.ok else "FAILED"),

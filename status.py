@@ -79,8 +79,11 @@ def _age_hours(iso, now):
     return None if value is None else (now - value).total_seconds() / 3600.0
 
 
-def assess(facts, now, backup_max_age_hours, wal_max_age_hours):
-    """(state, reasons, window) from ``facts`` (pure). ``now`` is an aware UTC datetime."""
+def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=True):
+    """(state, reasons, window) from ``facts`` (pure). ``now`` is an aware UTC datetime.
+
+    ``include_backups=False`` judges only the WAL archive (the nightly run judges its backups itself).
+    """
     state, reasons = STATE_OK, []
 
     def worse(new_state, reason):
@@ -88,7 +91,7 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours):
         state = max(state, new_state)
         reasons.append("%s: %s" % (STATE_NAMES[new_state], reason))
 
-    for kind in ("postgres", "contentstore"):
+    for kind in ("postgres", "contentstore") if include_backups else ():
         info = facts["backups"][kind]
         if not info["newest"]:
             worse(STATE_CRITICAL, "no complete %s backup" % kind)

@@ -221,3 +221,20 @@ def test_password_never_on_a_command_line(sandbox):
     assert proc.returncode == EXIT_OK, output.decode()
     assert secret not in output
     assert any(b"python" in s for s in seen), seen
+
+
+def test_dry_run_prints_the_commands_and_changes_nothing(sandbox):
+    sb = sandbox
+    before = sorted(os.listdir(sb.backup_dir))
+    result = run_backup(sb, args=["--dry-run"])
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert "would run:" in result.stdout and "pg_basebackup" in result.stdout and "rsync" in result.stdout
+    assert "-X stream" in result.stdout and "--link-dest" not in result.stdout
+    assert sorted(os.listdir(sb.backup_dir)) == before
+    assert sb.alfresco_password not in result.stdout
+
+
+def test_help_documents_exit_codes(sandbox):
+    result = sandbox.run_cli("backup.py", args=["--help"])
+    assert result.returncode == 0
+    assert "Exit codes" in result.stdout and "3 another backup" in result.stdout
