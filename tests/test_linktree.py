@@ -1,0 +1,151 @@
+"""The in-process snapshot engine builds the same tree as ``rsync -a --link-dest``, links the same files."""
+
+import hashlib
+import os
+import subprocess
+
+import linktree
+import pytest
+
+ODD_NAMES = [b"with space.bin", b"new\nline.bin", b"-leading-dash.bin", b"caf\xe9-latin1.bin", b"\xff\xfe.bin",
+             b"--delete", b"*glob?.bin"]
+
+
+def write(path, data, mode=0o644, mtime=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, mode)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def build_source(root):
+    root = os.fsencode(root)
+    t = 1_600_000_000
+    for i in range(30):
+        write(os.path.join(root, b"2024/3/%d/10/%d" % (i % 5 + 1, i), b"%032x.bin" % i), os.urandom(100 + i * 37),
+              mtime=t + i)
+    for i, name in enumerate(ODD_NAMES):
+        write(os.path.join(root, b"odd", name), b"odd %d" % i, mode=0o600, mtime=t)
+    write(os.path.join(root, b"modes/exec.bin"), b"x", mode=0o755, mtime=t)
+    write(os.path.join(root, b"modes/private.bin"), b"y", mode=0o600, mtime=t)
+    os.chmod(os.path.join(root, b"modes"), 0o750)
+    os.symlink(b"../2024", os.path.join(root, b"odd", b"relative-link"))
+    os.symlink(b"/nonexistent/target", os.path.join(root, b"odd", b"dangling-link"))
+    os.makedirs(os.path.join(root, b"empty/dir"))
+    write(os.path.join(root, b"gone/soon.bin"), b"delete me", mtime=t)
+    write(os.path.join(root, b"becomes-dir"), b"file first", mtime=t)
+    if os.geteuid() == 0:
+        os.chown(os.path.join(root, b"modes/private.bin"), 12345, 12345)
+
+
+def change_source(root):
+    root = os.fsencode(root)
+    t = 1_700_000_000
+    write(os.path.join(root, b"2025/1/2/3/4/new.bin"), os.urandom(5000), mtime=t)  # added
+    write(os.path.join(root, b"2024/3/1/10/0/00000000000000000000000000000000.bin"), b"grown" * 100, mtime=t)
+    os.remove(os.path.join(root, b"2024/3/2/10/1/00000000000000000000000000000001.bin"))  # deleted
+    os.remove(os.path.join(root, b"gone/soon.bin"))
+    os.rmdir(os.path.join(root, b"gone"))
+    os.remove(os.path.join(root, b"becomes-dir"))
+    write(os.path.join(root, b"becomes-dir/inside.bin"), b"now a dir", mtime=t)
+    os.chmod(os.path.join(root, b"modes/exec.bin"), 0o700)  # same data, new mode: must not share the inode
+    write(os.path.join(root, b"odd", b"new\nline.bin"), b"same size", mtime=t)  # in-place change, new mtime
+
+
+def describe(root, dir_times=True):
+    """{relpath: (type, mode, uid, size, mtime_ns, sha256-or-link-target)} of a whole tree."""
+    root = os.fsencode(root)
+    result = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                result[rel] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                result[rel] = ("dir", st.st_mode, st.st_uid, st.st_mtime_ns if dir_times else None)
+            else:
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+                result[rel] = ("file", st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, digest)
+    return result
+
+
+def linked_to(prev, tree):
+    prev, tree = os.fsencode(prev), os.fsencode(tree)
+    shared = set()
+    for rel, desc in describe(tree).items():
+        if desc[0] == "file":
+            other = os.path.join(prev, rel)
+            if os.path.exists(other) and os.stat(other).st_ino == os.stat(os.path.join(tree, rel)).st_ino:
+                shared.add(rel)
+    return shared
+
+
+def rsync(src, dst, link_dest=None):
+    argv = ["rsync", "-a", "--delete"] + (["--link-dest=%s" % link_dest] if link_dest else []) + [
+        src + "/", dst + "/"]
+    subprocess.run(argv, check=True)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_same_tree_and_same_links_as_rsync(tmp_path, workers):
+    src, prev = str(tmp_path / "src"), str(tmp_path / "prev")
+    build_source(src)
+    os.mkdir(prev)
+    rsync(src, prev)
+    change_source(src)
+    by_rsync, by_us = str(tmp_path / "rsync"), str(tmp_path / "ours")
+    os.mkdir(by_rsync)
+    os.mkdir(by_us)
+    rsync(src, by_rsync, link_dest=prev)
+    stats = linktree.snapshot(src, by_us, prev, workers=workers)
+    assert describe(by_us) == describe(src)
+    # rsync with --link-dest leaves directory mtimes at "now" (seen with rsync 3.2); we keep the source's.
+    assert describe(by_us, dir_times=False) == describe(by_rsync, dir_times=False)
+    ours, theirs = linked_to(prev, by_us), linked_to(prev, by_rsync)
+    assert ours == theirs
+    assert b"modes/exec.bin" not in ours and b"2025/1/2/3/4/new.bin" not in ours
+    assert b"2024/3/3/10/2/00000000000000000000000000000002.bin" in ours
+    assert stats.copied == 5 and stats.linked == len(ours)
+    assert os.lstat(os.path.join(by_us, "odd")).st_mtime_ns == os.lstat(os.path.join(src, "odd")).st_mtime_ns
+
+
+def test_resume_keeps_what_the_interrupted_run_copied(tmp_path):
+    src, prev, dest = str(tmp_path / "src"), str(tmp_path / "prev"), str(tmp_path / "dest")
+    build_source(src)
+    os.mkdir(prev)
+    rsync(src, prev)
+    change_source(src)
+    os.mkdir(dest)
+    linktree.snapshot(src, dest, prev)
+    new_file = os.path.join(dest, "2025/1/2/3/4/new.bin")
+    inode_before = os.stat(new_file).st_ino
+    write(os.path.join(dest, "stray-from-old-source.bin"), b"not in the source any more")
+    stats = linktree.snapshot(src, dest, prev, resume=True)
+    assert os.stat(new_file).st_ino == inode_before  # kept, not copied again
+    assert stats.bytes_copied == 0
+    assert describe(dest) == describe(src)
+
+
+def test_vanished_directory_is_a_warning_not_a_failure(tmp_path):
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    build_source(src)
+    os.mkdir(dest)
+    stats = linktree.snapshot(src, dest, None)
+    assert stats.copied > 30 and stats.linked == 0 and stats.vanished == 0
+
+
+def test_unreadable_file_fails_naming_it(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    build_source(src)
+    secret = os.path.join(src, "2024", "unreadable.bin")
+    write(secret, b"x", mode=0o000)
+    os.mkdir(dest)
+    with pytest.raises(linktree.LinkTreeError, match="unreadable.bin"):
+        linktree.snapshot(src, dest, None)
