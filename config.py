@@ -65,6 +65,7 @@ OPTIONS = [
 OPTION_NAMES = [row[0] for row in OPTIONS]
 SECRET_NAMES = [row[0] for row in OPTIONS if row[5]]
 COMPRESSION_RE = re.compile(r"^(gzip|zstd|lz4|none)(:([0-9]{1,2}))?$")
+COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 22), "lz4": (1, 12)}
 EMAIL_RE = re.compile(r"^[^@\s,]+@[^@\s,]+$")
 
 
@@ -143,6 +144,12 @@ def _convert(name, kind, raw, problems):
         if not match:
             problems.append((name, "must be gzip, zstd, lz4 or none, optionally with :LEVEL, got %r" % raw))
             return None
+        method, level = match.group(1), match.group(3)
+        low, high = COMPRESSION_LEVELS.get(method, (None, None))
+        if level is not None and (low is None or not low <= int(level) <= high):
+            problems.append((name, "%s takes no level" % method if low is None else
+                             "%s level must be %d-%d, got %s" % (method, low, high, level)))
+            return None
         return raw.lower()
     raise ValueError("unknown option type %s" % kind)
 
@@ -218,7 +225,7 @@ def read_env_file(env_path):
             pass
     except OSError as exc:
         raise ConfigError([("--env", "cannot read %s: %s" % (env_path, exc.strerror))], env_path)
-    return {k: (v if v is not None else "") for k, v in dotenv_values(env_path).items()}
+    return {k: (v if v is not None else "") for k, v in dotenv_values(env_path, interpolate=False).items()}
 
 
 def load_config(env_path=None, check_paths=True):

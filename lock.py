@@ -37,7 +37,12 @@ class BackupLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except PermissionError:
             # Someone else's lock file (e.g. left by a run as root): tell "held" from "unusable".
-            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except PermissionError:
+                raise PermissionError(errno.EACCES, "lock file %s belongs to another user and is not readable "
+                                      "by this one (uid %d): fix its owner (chown) so backups run as one user"
+                                      % (self.path, os.getuid()))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

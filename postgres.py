@@ -150,14 +150,21 @@ def verify_manifest(path, base_members):
     with open(path, "rb") as handle:
         raw = handle.read()
     marker = raw.rfind(b'"Manifest-Checksum"')
-    if marker < 0:
-        raise PostgresError("backup_manifest has no Manifest-Checksum")
-    manifest = json.loads(raw.decode("utf-8"))
-    if hashlib.sha256(raw[:marker]).hexdigest() != manifest["Manifest-Checksum"]:
+    try:
+        if marker < 0:
+            raise ValueError("no Manifest-Checksum")
+        manifest = json.loads(raw.decode("utf-8"))
+        expected = manifest["Manifest-Checksum"]
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PostgresError("backup_manifest is damaged or truncated: %s" % exc)
+    if hashlib.sha256(raw[:marker]).hexdigest() != expected:
         raise PostgresError("backup_manifest checksum mismatch: the manifest is damaged")
     problems = []
     for entry in manifest.get("Files", []):
-        name = entry.get("Path") or entry.get("Encoded-Path")
+        name = entry.get("Path")
+        if name is None and entry.get("Encoded-Path"):
+            # Non-UTF-8 file names are hex-encoded in the manifest; tarfile names them with surrogateescape.
+            name = bytes.fromhex(entry["Encoded-Path"]).decode("utf-8", "surrogateescape")
         if name not in base_members:
             problems.append("missing from base.tar: %s" % name)
         elif base_members[name] != entry["Size"]:
@@ -179,31 +186,37 @@ def check_backup_dir(directory, wal_method, server_num):
     base = [n for n in files if n.startswith("base.tar")]
     if not base:
         raise PostgresError("pg_basebackup wrote no base.tar* in %s" % directory)
-    base_path = os.path.join(directory, base[0])
     try:
-        members = tar_io.list_members(base_path)
+        members = tar_io.list_members(os.path.join(directory, base[0]))
         if "backup_label" not in members:
             raise PostgresError("%s has no backup_label: not a usable base backup" % base[0])
-        facts = parse_backup_label(tar_io.read_member(base_path, "backup_label").decode("utf-8", "replace"))
-        wal_dir = "pg_wal" if server_num >= 100000 else "pg_xlog"
-        if wal_method == "stream":
-            wal_tars = [n for n in files if n.startswith("pg_wal.tar")]
-            if not wal_tars:
-                raise PostgresError("pg_basebackup streamed WAL but wrote no pg_wal.tar*")
-            wal_members = tar_io.list_members(os.path.join(directory, wal_tars[0]))
-        else:
-            wal_members = {k[len(wal_dir) + 1:]: v for k, v in members.items() if k.startswith(wal_dir + "/")}
-        if facts["start_wal_file"] not in wal_members:
-            raise PostgresError("the backup lacks WAL segment %s, where it starts: it could not be restored"
-                                % facts["start_wal_file"])
+        label = tar_io.read_member(os.path.join(directory, base[0]), "backup_label")
+        facts = parse_backup_label(label.decode("utf-8", "replace"))
+        # Every other tar must read to its end too; tablespaces (<oid>.tar) join the manifest check.
+        all_members, wal_members = dict(members), None
         for name in files:
-            if ".tar" in name and name not in base:
-                tar_io.list_members(os.path.join(directory, name))  # readable to the end
+            if ".tar" not in name or name in base:
+                continue
+            listed = tar_io.list_members(os.path.join(directory, name))
+            if name.startswith("pg_wal.tar"):
+                wal_members = listed
+            elif name.split(".tar", 1)[0].isdigit():
+                oid = name.split(".tar", 1)[0]
+                all_members.update({"pg_tblspc/%s/%s" % (oid, m): size for m, size in listed.items()})
     except tar_io.TarError as exc:
         raise PostgresError(str(exc))
+    if wal_method == "stream":
+        if wal_members is None:
+            raise PostgresError("pg_basebackup streamed WAL but wrote no pg_wal.tar*")
+    else:
+        wal_dir = "pg_wal/" if server_num >= 100000 else "pg_xlog/"
+        wal_members = {k[len(wal_dir):]: v for k, v in members.items() if k.startswith(wal_dir)}
+    if facts["start_wal_file"] not in wal_members:
+        raise PostgresError("the backup lacks WAL segment %s, where it starts: it could not be restored"
+                            % facts["start_wal_file"])
     facts["files"] = files
     if "backup_manifest" in files:
-        facts["manifest_wal"] = verify_manifest(os.path.join(directory, "backup_manifest"), members)
+        facts["manifest_wal"] = verify_manifest(os.path.join(directory, "backup_manifest"), all_members)
     return facts
 
 

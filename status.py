@@ -104,7 +104,8 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     if facts.get("archiver_error"):
         worse(STATE_CRITICAL, "cannot read pg_stat_archiver: %s" % facts["archiver_error"])
     elif archiver and archiver["last_failed_wal"] and (
-            not archiver["last_archived_time"] or archiver["last_failed_time"] > archiver["last_archived_time"]):
+            not archiver["last_archived_time"]
+            or catalog.parse_iso(archiver["last_failed_time"]) > catalog.parse_iso(archiver["last_archived_time"])):
         worse(STATE_CRITICAL, "archive_command is failing: last failed segment %s at %s, last success %s"
               % (archiver["last_failed_wal"], archiver["last_failed_time"], archiver["last_archived_wal"]))
     wal_age = _age_hours(facts.get("newest_segment_at"), now)

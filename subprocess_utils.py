@@ -83,6 +83,14 @@ def _pump(stream, sink, log, level, prefix, secrets):
     stream.close()
 
 
+def _feed(stream, data):
+    try:
+        stream.write(data)
+        stream.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+
+
 def _kill_group(proc):
     """SIGTERM the process group, then SIGKILL it if it has not gone within 5 seconds."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -133,11 +141,10 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
         thread.daemon = True
         thread.start()
     if stdin_data is not None:
-        try:
-            proc.stdin.write(stdin_data)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
+        # Fed from a thread: a child that never reads stdin must not block us past the timeout.
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, stdin_data))
+        feeder.daemon = True
+        feeder.start()
     timed_out = False
     try:
         proc.wait(timeout=timeout or None)
@@ -185,7 +192,14 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
                                                 os.path.basename(argv[0]) + ": ", secrets))
     pump.daemon = True
     pump.start()
-    timer = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
+    fired = []
+
+    def on_timeout():
+        fired.append(True)
+        log.error("%s: still running after %s s, stopping its whole process group", label, timeout)
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout, on_timeout) if timeout else None
     if timer:
         timer.start()
     try:
@@ -193,6 +207,8 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
         proc.stdout.read()  # drain, so the producer is not killed by SIGPIPE after a short consumer
     except BaseException:
         _kill_group(proc)
+        if fired:  # the consumer only failed because the timeout cut its input
+            raise CommandError("%s: timed out after %s s" % (label, timeout), shown, None, timed_out=True)
         raise
     finally:
         proc.wait()
@@ -200,6 +216,8 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
             timer.cancel()
         pump.join(timeout=10)
     tail = mask("\n".join(err_lines), secrets)
+    if fired:
+        raise CommandError("%s: timed out after %s s" % (label, timeout), shown, None, tail, timed_out=True)
     if proc.returncode != 0:
         code = proc.returncode
         raise CommandError("%s failed (%s): %s" % (label, "killed by signal %d" % -code if code < 0

@@ -171,9 +171,6 @@ def run_as_nobody(directory):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create another user's lock file")
-@pytest.mark.xfail(strict=True, reason="BUG: lock.py acquire(): a lock file created 0600 by another user "
-                                       "(e.g. a run as root) cannot be opened O_RDONLY either, so the raw "
-                                       "'Permission denied' escapes instead of the explanatory chown message")
 def test_someone_elses_lock_file_gives_a_helpful_error(shared_dir):
     with BackupLock(shared_dir):
         pass  # root leaves a 0600 root-owned backup.lock behind

@@ -342,16 +342,12 @@ def test_verify_manifest_many_problems_are_summarised(tmp_path):
     assert "(and 3 more)" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: verify_manifest parses a damaged manifest with an unguarded "
-                                       "json.loads: ValueError escapes instead of PostgresError")
 def test_verify_manifest_truncated_is_postgres_error(tmp_path):
     data = manifest_bytes([file_entry("PG_VERSION", 3)])
     with pytest.raises(PostgresError):
         postgres.verify_manifest(write(tmp_path, data[:-20]), dict(MEMBERS))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: verify_manifest uses the hex 'Encoded-Path' (non-UTF-8 file "
-                                       "names) as the name; it must be decoded: bytes.fromhex(...)")
 def test_verify_manifest_encoded_path(tmp_path):
     raw_name = b"base/1/stray-\xff-file"
     entry = {"Encoded-Path": raw_name.hex(), "Size": 5, "Last-Modified": "2024-01-31 02:00:01 GMT"}
@@ -440,9 +436,6 @@ def test_check_backup_dir_empty(tmp_path):
     assert "no base.tar" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: check_backup_dir checks the manifest against base.tar only; "
-                                       "files of a user tablespace are listed as pg_tblspc/<oid>/... and live "
-                                       "in <oid>.tar, so any cluster with a tablespace is rejected")
 def test_check_backup_dir_with_tablespace(tmp_path):
     members = base_members()
     make_tar(str(tmp_path / "base.tar"), members)

@@ -195,8 +195,6 @@ def test_state_names_are_nagios_codes():
     assert [status.STATE_NAMES[s] for s in (0, 1, 2)] == ["OK", "WARNING", "CRITICAL"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: status.assess compares pg_stat_archiver times as ISO strings; "
-                                       "across a DST change (+02:00 -> +01:00) a newer failure sorts as older")
 def test_archive_failure_after_dst_change_is_critical():
     facts = healthy()
     # 00:50 UTC success, 01:10 UTC failure: the failure is newer, though its local clock reads earlier.

@@ -200,8 +200,6 @@ def test_interrupted_wait_kills_the_child_group(tmp_path):
     assert wait_dead(read_pids(pidfile, 3)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run() writes stdin_data before proc.wait(timeout): a child that "
-                                       "does not read stdin blocks the write, and the timeout never applies")
 def test_timeout_applies_while_child_ignores_stdin():
     started = time.monotonic()
     with pytest.raises(CommandError) as info:
@@ -289,8 +287,6 @@ def test_read_stream_timeout_is_an_error():
     assert time.monotonic() - started < 4
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_stream's timeout raises CommandError with timed_out=False "
-                                       "and 'killed by signal 15' instead of saying it timed out")
 def test_read_stream_timeout_sets_timed_out():
     with pytest.raises(CommandError) as info:
         su.read_stream(["sleep", "100"], ENV, lambda s: s.read(), timeout=0.3)
