@@ -78,6 +78,10 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
     final = os.path.join(dest_root, name)
     partial = final + catalog.PARTIAL_SUFFIX
     previous = catalog.newest_done(backup_dir, "contentstore")
+    if previous and (previous.info.get("files") or 0) > 0 and not os.listdir(source):
+        # An unmounted share looks exactly like this; a DONE empty snapshot would pass for a good backup.
+        raise ContentstoreError("the contentstore %s is empty but %s held %s files: is its file system mounted?"
+                                % (source, previous.name, previous.info.get("files")))
     resumed = find_resumable_partial(backup_dir, name)
     if resumed:
         log.info("reusing %s left by an interrupted run", resumed)

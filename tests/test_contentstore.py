@@ -337,3 +337,16 @@ def test_rsync_failure_keeps_the_partial_for_next_time(env, monkeypatch):
     assert result["resumed_partial"] is True and result["files_copied"] == 0
     assert not os.path.exists(partial)
     assert tree(os.path.join(env["snapshots"], N2)) == tree(env["source"])
+
+
+def test_empty_source_after_a_full_snapshot_is_refused(tmp_path):
+    """An unmounted contentstore share must not become a DONE, empty snapshot."""
+    source, backup_dir = tmp_path / "store", tmp_path / "backups"
+    (source / "2024" / "1").mkdir(parents=True)
+    (source / "2024" / "1" / "a.bin").write_bytes(b"data")
+    backup_dir.mkdir()
+    log = logging.getLogger("test")
+    contentstore.take_snapshot(str(source), str(backup_dir), "contentstore-2024-01-01_02-00-00", log)
+    shutil.rmtree(source / "2024")
+    with pytest.raises(contentstore.ContentstoreError, match="mounted"):
+        contentstore.take_snapshot(str(source), str(backup_dir), "contentstore-2024-01-02_02-00-00", log)
