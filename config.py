@@ -30,8 +30,9 @@ OPTIONS = [
      False),
     ("WAL_ARCHIVE_DIR", "path", "", False,
      "Where archive_command puts WAL segments; empty: BACKUP_DIR/pg_wal", False),
-    ("PG_COMPRESSION", "compression", "gzip", False,
-     "Base backup compression: gzip, zstd, lz4 or none, optionally with a level (zstd:3)", False),
+    ("PG_COMPRESSION", "compression", "zstd", False,
+     "Base backup compression: zstd, lz4, gzip or none, optionally server- (15+) and a level (zstd:3, "
+     "server-zstd); falls back to gzip where the tools cannot", False),
     ("CONTENTSTORE_METHOD", "choice:auto|rsync", "auto", False,
      "auto: rsync for the first copy, the faster in-process hardlink engine nightly; rsync: always rsync", False),
     ("CONTENTSTORE_PARALLEL", "int", "4", False, "Threads for the nightly contentstore snapshot", False),
@@ -64,7 +65,7 @@ OPTIONS = [
 
 OPTION_NAMES = [row[0] for row in OPTIONS]
 SECRET_NAMES = [row[0] for row in OPTIONS if row[5]]
-COMPRESSION_RE = re.compile(r"^(gzip|zstd|lz4|none)(:([0-9]{1,2}))?$")
+COMPRESSION_RE = re.compile(r"^(?:(client|server)-)?(gzip|zstd|lz4|none)(:([0-9]{1,2}))?$")
 COMPRESSION_LEVELS = {"gzip": (1, 9), "zstd": (1, 22), "lz4": (1, 12)}
 EMAIL_RE = re.compile(r"^[^@\s,]+@[^@\s,]+$")
 
@@ -142,9 +143,9 @@ def _convert(name, kind, raw, problems):
     if kind == "compression":
         match = COMPRESSION_RE.match(raw.lower())
         if not match:
-            problems.append((name, "must be gzip, zstd, lz4 or none, optionally with :LEVEL, got %r" % raw))
+            problems.append((name, "must be [client-|server-]zstd|lz4|gzip|none[:LEVEL], got %r" % raw))
             return None
-        method, level = match.group(1), match.group(3)
+        method, level = match.group(2), match.group(4)
         low, high = COMPRESSION_LEVELS.get(method, (None, None))
         if level is not None and (low is None or not low <= int(level) <= high):
             problems.append((name, "%s takes no level" % method if low is None else

@@ -103,19 +103,22 @@ def basebackup_plan(client_num, server_num, compression, label):
             "pg_basebackup %s cannot take tar-format backups of a %s server: set PG_BIN_DIR to the bundle's "
             "postgresql/bin" % (version_label(client_num), version_label(server_num)))
     notes = []
-    method, _, level = compression.partition(":")
-    level = int(level) if level else None
+    location, method, level = parse_compression(compression)
     if client_num < 150000 and method in ("zstd", "lz4"):
         notes.append("pg_basebackup %s supports only gzip; using gzip instead of %s"
                      % (version_label(client_num), method))
         method, level = "gzip", None
+    if location == "server" and (client_num < 150000 or server_num < 150000 or method == "none"):
+        if method != "none":
+            notes.append("server-side compression needs PostgreSQL 15+ on both ends; compressing on the client")
+        location = "client"
     # Before 10, tar format cannot stream WAL; fetch copies it at the end (needs wal_keep_segments).
     wal_method = "stream" if client_num >= 100000 else "fetch"
     args = ["-F", "t", "-X", wal_method, "--checkpoint=fast", "--label=%s" % label, "--no-password",
             "--verbose"]
     if method != "none":
         if client_num >= 150000:
-            spec = "client-%s" % method + (":level=%d" % level if level is not None else "")
+            spec = "%s-%s" % (location, method) + (":level=%d" % level if level is not None else "")
             args.append("--compress=%s" % spec)
         elif level is not None:
             args.append("--compress=%d" % level)
@@ -124,6 +127,20 @@ def basebackup_plan(client_num, server_num, compression, label):
     if client_num >= 130000 and server_num >= 130000:
         args.append("--manifest-checksums=SHA256")
     return BasebackupPlan(args, wal_method, method, level, tar_io.EXTENSIONS[method], notes)
+
+
+def parse_compression(text):
+    """'server-zstd:5' → ('server', 'zstd', 5); 'gzip' → ('client', 'gzip', None) (pure)."""
+    location, _, rest = text.rpartition("-") if text.startswith(("client-", "server-")) else ("client", "", text)
+    method, _, level = rest.partition(":")
+    return location, method, int(level) if level else None
+
+
+def unsupported_compression(stderr):
+    """True when pg_basebackup (or the server) was built without the requested compression library."""
+    text = stderr.lower()
+    return ("not supported" in text or "does not support" in text) and \
+        any(m in text for m in ("zstd", "lz4", "compression"))
 
 
 def parse_backup_label(text):
@@ -239,15 +256,24 @@ def take_base_backup(cfg, server, dest_root, name, log):
     log.info("using %s (PostgreSQL %s) against server %s", tool, version_label(client_num),
              version_label(server["version_num"]))
     plan = basebackup_plan(client_num, server["version_num"], cfg.PG_COMPRESSION, "alfresco-backup %s" % name)
-    for note in plan.notes:
-        log.warning(note)
     final = os.path.join(dest_root, name)
     partial = final + catalog.PARTIAL_SUFFIX
     os.makedirs(dest_root, mode=0o700, exist_ok=True)
     os.mkdir(partial, 0o700)
     try:
-        result = subprocess_utils.run([tool, "-D", partial] + plan.args, env, timeout=cfg.PG_BACKUP_TIMEOUT,
-                                      secrets=cfg.secrets(), what="pg_basebackup")
+        try:
+            result = _run_basebackup(tool, partial, plan, env, cfg)
+        except subprocess_utils.CommandError as exc:
+            if not (unsupported_compression(exc.stderr_tail) and plan.compression not in ("gzip", "none")):
+                raise
+            # e.g. a pg_basebackup built without zstd (PyPI's pgserver 16): gzip works everywhere.
+            log.warning("%s compression is not available here (%s); taking the backup with gzip",
+                        plan.compression, exc.stderr_tail.strip().splitlines()[-1])
+            shutil.rmtree(partial)
+            os.mkdir(partial, 0o700)
+            plan = basebackup_plan(client_num, server["version_num"], "gzip", "alfresco-backup %s" % name)
+            result = _run_basebackup(tool, partial, plan, env, cfg)
+        compress_wal_tar(partial, plan.compression, plan.level, log)
         facts = check_backup_dir(partial, plan.wal_method, server["version_num"])
     except subprocess_utils.CommandError as exc:
         _remove(partial, log)
@@ -264,6 +290,8 @@ def take_base_backup(cfg, server, dest_root, name, log):
     start_lsn_int = wal.parse_lsn(facts["start_lsn"])
     for member in os.listdir(partial):
         os.chmod(os.path.join(partial, member), 0o600)
+    for note in plan.notes:
+        log.warning(note)
     os.rename(partial, final)
     catalog.fsync_dir(dest_root)
     info = {
@@ -284,6 +312,33 @@ def take_base_backup(cfg, server, dest_root, name, log):
     }
     catalog.write_info(final, info)
     return info
+
+
+def _run_basebackup(tool, partial, plan, env, cfg):
+    return subprocess_utils.run([tool, "-D", partial] + plan.args, env, timeout=cfg.PG_BACKUP_TIMEOUT,
+                                secrets=cfg.secrets(), what="pg_basebackup")
+
+
+WAL_TAR_COMPRESSORS = {"zstd": ["zstd", "-q", "--rm", "-f"], "lz4": ["lz4", "-q", "--rm", "-f"]}
+
+
+def compress_wal_tar(directory, method, level, log):
+    """pg_basebackup 15+ leaves pg_wal.tar uncompressed with zstd/lz4 (16+ MB); compress it the same way.
+
+    Without the zstd/lz4 program it stays uncompressed (a note in the log). Raises CommandError.
+    """
+    path = os.path.join(directory, "pg_wal.tar")
+    if method not in WAL_TAR_COMPRESSORS or not os.path.exists(path):
+        return
+    tool = WAL_TAR_COMPRESSORS[method]
+    if not shutil.which(tool[0]):
+        log.warning("%s not found: pg_wal.tar stays uncompressed (install %s)", tool[0], tool[0])
+        return
+    level_flag = ["-%d" % min(level, 19 if method == "zstd" else 12)] if level else []
+    target = path + tar_io.EXTENSIONS[method]
+    output = ["-o", target] if method == "zstd" else [target]
+    subprocess_utils.run(tool + level_flag + [path] + output, subprocess_utils.base_env(), timeout=600,
+                         what="compressing pg_wal.tar")
 
 
 def _hint(stderr):

@@ -36,7 +36,8 @@ def inode(path):
 
 def test_two_nights_make_restorable_linked_backups(sandbox):
     sb = sandbox
-    first = run_backup(sb)
+    env_path = sb.write_env(PG_COMPRESSION="gzip")  # so that plain `tar -tzf` lists it
+    first = run_backup(sb, env_path)
     assert first.returncode == EXIT_OK, first.stdout + first.stderr
     assert "Backup summary (OK)" in first.stdout
 
@@ -46,7 +47,7 @@ def test_two_nights_make_restorable_linked_backups(sandbox):
         handle.write(b"changed tonight")
     added = sb.add_content(1, date=(2025, 1, 2, 3, 4))[0]
     time.sleep(1)
-    second = run_backup(sb)
+    second = run_backup(sb, env_path)
     assert second.returncode == EXIT_OK, second.stdout + second.stderr
 
     bases = kind_dirs(sb, "postgres", "base")
@@ -105,18 +106,20 @@ def test_two_nights_make_restorable_linked_backups(sandbox):
 
 
 def test_base_backup_starts_as_a_server(sandbox, tmp_path):
+    """With the default compression (zstd, pg_wal.tar compressed too): extract with tar, start, count rows."""
     sb = sandbox
     result = run_backup(sb)
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     base = kind_dirs(sb, "postgres", "base")[-1]
+    assert sorted(info(base)["files"]) == ["backup_manifest", "base.tar.zst", "pg_wal.tar.zst"]
     expected = sb.psql("SELECT count(*) FROM alf_node")
     restored = os.path.join(sb.root, "restored")
     sockets = os.path.join(sb.root, "restored-run")
     for path in (restored, sockets):
         os.mkdir(path, 0o700)
         sb.chown_to_service_user(path)
-    for tar_name, target in (("base.tar.gz", restored), ("pg_wal.tar.gz", os.path.join(restored, "pg_wal"))):
-        out = sb.run_as_service_user(["tar", "-xzf", os.path.join(base, tar_name), "-C", target])
+    for tar_name, target in (("base.tar.zst", restored), ("pg_wal.tar.zst", os.path.join(restored, "pg_wal"))):
+        out = sb.run_as_service_user(["tar", "--zstd", "-xf", os.path.join(base, tar_name), "-C", target])
         assert out.returncode == 0, out.stderr
     port = free_port()
     pg_ctl = os.path.join(sb.pg_bin, "pg_ctl")

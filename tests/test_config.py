@@ -51,7 +51,7 @@ def test_minimal_config_gets_typed_defaults(tree):
     assert cfg.PGUSER == "alfresco"
     assert cfg.PGPORT == 5432 and isinstance(cfg.PGPORT, int)
     assert cfg.PGHOST == "localhost"
-    assert cfg.PG_COMPRESSION == "gzip"
+    assert cfg.PG_COMPRESSION == "zstd"
     assert cfg.RETENTION_DAYS == 7
     assert cfg.SMTP_SECURITY == "starttls"
     assert cfg.ALERT_ON == "failure"

@@ -515,3 +515,36 @@ def test_hints(stderr, needle):
 
 def test_no_hint_for_unknown_errors():
     assert postgres._hint("something else entirely") == ""
+
+
+# --- compression location and fallbacks -------------------------------------------------------------------
+
+def test_server_side_compression_on_15_both_ends():
+    result = plan(V15, V15, "server-zstd:5")
+    assert "--compress=server-zstd:level=5" in result.args and result.extension == ".zst" and not result.notes
+
+
+def test_server_side_compression_falls_back_to_client_for_an_older_server():
+    result = plan(V15, 140010, "server-zstd")
+    assert "--compress=client-zstd" in result.args and result.notes and "server-side" in result.notes[0]
+
+
+def test_server_side_compression_with_an_old_client_becomes_gzip():
+    result = plan(140010, 140010, "server-lz4")
+    assert "--gzip" in result.args and result.extension == ".gz"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("zstd", ("client", "zstd", None)), ("server-zstd:5", ("server", "zstd", 5)),
+    ("client-lz4:1", ("client", "lz4", 1)), ("none", ("client", "none", None)), ("gzip:9", ("client", "gzip", 9))])
+def test_parse_compression(text, expected):
+    assert postgres.parse_compression(text) == expected
+
+
+@pytest.mark.parametrize("stderr,expected", [
+    ("pg_basebackup: error: this build does not support compression with zstd", True),
+    ('pg_basebackup: error: could not initiate base backup: ERROR:  zstd compression is not supported by this '
+     'build', True),
+    ("pg_basebackup: error: connection to server failed", False)])
+def test_unsupported_compression_is_recognised(stderr, expected):
+    assert postgres.unsupported_compression(stderr) is expected
