@@ -19,11 +19,10 @@ import datetime
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 
 import catalog
+from tree_delete import remove_tree
 
 DAY = datetime.timedelta(days=1)
 # A WAITING_FOR_WAL backup younger than this may still see its last WAL segment archived.
@@ -347,59 +346,3 @@ def rename_to_partial(entry):
         return target if os.path.lexists(target) else path
     catalog.fsync_dir(os.path.dirname(path))
     return target
-
-
-def remove_tree(path):
-    """Remove the directory tree ``path`` (never following symlinks); a missing ``path`` is fine.
-
-    Read-only or unreadable directories inside the tree are made 0700 and the removal retried. The one
-    place that removes a backup's files, so a faster (parallel) removal can replace it. Raises OSError
-    naming the first failures when anything is left.
-    """
-    path = path.rstrip("/")
-    if not os.path.lexists(path):
-        return
-    if os.path.islink(path) or not os.path.isdir(path):
-        raise OSError(f"refusing to remove {path}: not a directory")
-    errors = []
-    retried = set()
-
-    def handle(func, failed, exc):
-        if isinstance(exc, FileNotFoundError):
-            return
-        if failed in retried:
-            errors.append((failed, exc))
-            return
-        retried.add(failed)
-        try:
-            _make_removable(path, failed)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                _rmtree(failed, handle)
-            else:
-                os.unlink(failed)
-        except FileNotFoundError:
-            pass
-        except OSError as again:
-            errors.append((failed, again))
-
-    _rmtree(path, handle)
-    if errors or os.path.lexists(path):
-        shown = "; ".join(f"{p}: {e}" for p, e in errors[:3])
-        raise OSError(f"could not remove {path} completely ({len(errors)} error(s)) {shown}")
-
-
-def _rmtree(path, handle):
-    # onerror gets sys.exc_info(); Python 3.12 deprecates it for onexc, which gets the exception.
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=handle)
-    else:
-        shutil.rmtree(path, onerror=lambda func, failed, info: handle(func, failed, info[1]))
-
-
-def _make_removable(root, failed):
-    """Make ``failed``'s parent (when inside ``root``) and ``failed`` itself (a directory) 0700."""
-    parent = os.path.dirname(failed)
-    if parent == root or parent.startswith(root + os.sep):
-        os.chmod(parent, 0o700)
-    if os.path.isdir(failed) and not os.path.islink(failed):
-        os.chmod(failed, 0o700)
