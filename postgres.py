@@ -277,6 +277,9 @@ def take_base_backup(cfg, server, dest_root, name, log):
         facts = check_backup_dir(partial, plan.wal_method, server["version_num"])
     except subprocess_utils.CommandError as exc:
         _remove(partial, log)
+        if "no space left on device" in exc.stderr_tail.lower():
+            raise PostgresError("no space left on device in %s while taking the base backup (%s); the partial "
+                                "backup was removed: free space or lower RETENTION_DAYS" % (dest_root, exc))
         raise PostgresError("%s%s" % (exc, _hint(exc.stderr_tail)))
     except (PostgresError, OSError) as exc:
         _remove(partial, log)
@@ -391,7 +394,7 @@ def query(conn, sql, params=None):
 
 
 def server_facts(conn):
-    """{'version_num', 'wal_segment_size', 'database_size', 'data_directory' (None if not allowed)}."""
+    """{'version_num', 'wal_segment_size', 'database_size' (Alfresco's), 'cluster_size' (all we can see)}."""
     num = int(query(conn, "SHOW server_version_num")[0][0])
     seg = query(conn, "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'")
     seg_size = int(seg[0][0]) if seg else 16 * 1024 * 1024
@@ -400,4 +403,8 @@ def server_facts(conn):
     elif seg and seg[0][1] == "B":
         pass
     size = query(conn, "SELECT pg_database_size(current_database())")[0][0]
-    return {"version_num": num, "wal_segment_size": seg_size, "database_size": int(size)}
+    # Databases this role may not connect to cannot be measured; they are small in an Alfresco cluster.
+    cluster = query(conn, "SELECT sum(pg_database_size(oid)) FROM pg_database "
+                          "WHERE has_database_privilege(oid, 'CONNECT')")[0][0]
+    return {"version_num": num, "wal_segment_size": seg_size, "database_size": int(size),
+            "cluster_size": int(cluster or size)}

@@ -15,13 +15,14 @@ import catalog
 import contentstore
 import postgres
 import retention
+import space
 import subprocess_utils
 import wal
 import wal_config_check
 
 OK, WARN, FAILED, SKIPPED = "OK", "WARN", "FAILED", "SKIPPED"
 EXPECTED_ERRORS = (postgres.PostgresError, contentstore.ContentstoreError, alfresco_files.ConfigCopyError,
-                   subprocess_utils.CommandError, OSError)
+                   space.SpaceError, subprocess_utils.CommandError, OSError)
 
 
 class Stage:
@@ -67,6 +68,7 @@ class Night:
         self.base_info = None
         self.current_names = set()
         self.window = None
+        self.server = None
 
     def stage(self, name, doing, func):
         """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
@@ -98,9 +100,14 @@ class Night:
     def run_all(self):
         cfg = self.cfg
         self.stage("wal_config", "checking the server's WAL settings", self._check_wal_config)
-        self.stage("postgres", "taking the PostgreSQL base backup", self._base_backup)
-        self.stage("contentstore", "snapshotting the contentstore %s" % cfg.contentstore_dir, self._snapshot)
-        self.stage("config", "copying the keystore and Alfresco configuration", self._copy_config)
+        space_stage = self.stage("space", "checking free space in %s" % cfg.BACKUP_DIR, self._check_space)
+        if space_stage.status == FAILED:
+            for name in ("postgres", "contentstore", "config"):
+                self.skip(name, "not enough free space: nothing copied tonight")
+        else:
+            self.stage("postgres", "taking the PostgreSQL base backup", self._base_backup)
+            self.stage("contentstore", "snapshotting the contentstore %s" % cfg.contentstore_dir, self._snapshot)
+            self.stage("config", "copying the keystore and Alfresco configuration", self._copy_config)
         if self.base_info:
             self.stage("wal_archive", "waiting for the base backup's WAL to reach %s" % cfg.wal_archive_dir,
                        self._complete_base_backup)
@@ -108,7 +115,9 @@ class Night:
             self.skip("wal_archive", "no base backup was taken tonight")
         self.stage("wal_health", "checking the WAL archive and the recovery window", self._wal_health)
         backup_failed = [s.name for s in self.stages
-                         if s.status == FAILED and s.name not in ("wal_config", "wal_health")]
+                         if s.status == FAILED and s.name not in ("wal_config", "wal_health", "space")]
+        if space_stage.status == FAILED:
+            backup_failed.append("space")
         if backup_failed:
             self.skip("retention", "a backup stage failed (%s): nothing is deleted after a failed night"
                       % ", ".join(backup_failed))
@@ -136,6 +145,23 @@ class Night:
         warnings = [c for c in checks if c.status == wal_config_check.WARN]
         if warnings:
             return WARN, "; ".join(c.message for c in warnings)
+        return None
+
+    def _check_space(self, stage):
+        try:
+            conn = postgres.connect(self.cfg)
+            try:
+                self.server = postgres.server_facts(conn)
+            finally:
+                conn.close()
+        except postgres.PostgresError:
+            self.server = None  # the postgres stage reports it; the contentstore still gets its check
+        need = space.check(self.cfg.BACKUP_DIR, self.cfg.wal_archive_dir, self.cfg.contentstore_dir,
+                           self.server["cluster_size"] if self.server else 0,
+                           self.server["wal_segment_size"] if self.server else 16 << 20, self.log)
+        stage.size = need["database"] + need["contentstore"]
+        stage.detail = "estimated need: database ~%s, contentstore ~%s" % (
+            space.human(need["database"]), space.human(need["contentstore"]))
         return None
 
     def _base_backup(self, stage):

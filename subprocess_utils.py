@@ -83,6 +83,20 @@ def _pump(stream, sink, log, level, prefix, secrets):
     stream.close()
 
 
+_REASON_WORDS = ("error", "fatal", "no space", "denied", "could not", "cannot", "failed")
+
+
+def reason_line(stderr):
+    """The most telling line of a tool's stderr: the last one that reads like an error, else the last."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no error output"
+    for line in reversed(lines):
+        if any(word in line.lower() for word in _REASON_WORDS):
+            return line
+    return lines[-1]
+
+
 def _feed(stream, data):
     try:
         stream.write(data)
@@ -165,8 +179,7 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
     if proc.returncode not in ok_codes:
         code = proc.returncode
         reason = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
-        last = tail.strip().splitlines()[-1] if tail.strip() else "no error output"
-        raise CommandError("%s failed (%s): %s" % (label, reason, last), shown, code, tail)
+        raise CommandError("%s failed (%s): %s" % (label, reason, reason_line(tail)), shown, code, tail)
     return CommandResult(shown, proc.returncode, "\n".join(out_lines), "\n".join(err_lines), duration)
 
 
@@ -221,7 +234,6 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
     if proc.returncode != 0:
         code = proc.returncode
         raise CommandError("%s failed (%s): %s" % (label, "killed by signal %d" % -code if code < 0
-                                                    else "exit code %d" % code,
-                                                    tail.strip().splitlines()[-1] if tail.strip() else ""),
+                                                    else "exit code %d" % code, reason_line(tail)),
                            shown, code, tail)
     return result
