@@ -37,7 +37,7 @@ def collect(cfg):
         }
     archive = cfg.wal_archive_dir
     segments = wal.archive_segments(archive) if os.path.isdir(archive) else []
-    wal_files = [s for s in segments if wal.is_segment_name(s)]
+    wal_files = [s for s in segments if wal.segment_file_base(s)]
     facts["archive_dir"] = archive
     facts["archive_segments"] = len(wal_files)
     newest_mtime = max((os.stat(os.path.join(archive, s)).st_mtime for s in wal_files), default=None)

@@ -126,6 +126,12 @@ def is_segment_name(name):
     return parse_segment_name(name) is not None
 
 
+def segment_file_base(name):
+    """The segment name of an archive member that is a WAL segment, plain or ``.gz``; else None."""
+    kind = _classify(name)
+    return kind[1] if kind and kind[0] == "segment" else None
+
+
 def is_history_name(name):
     """True for a timeline history file name such as '00000002.history'."""
     return bool(_HISTORY_RE.match(name or ""))
@@ -395,27 +401,32 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _copy_to_new_file(source, target, durable):
-    """Copy the open binary file ``source`` into a new file ``target`` (mode 0600, must not exist)."""
+def _copy_to_new_file(source, target, durable, compress=False):
+    """Copy the open binary file ``source`` into a new file ``target`` (mode 0600, must not exist),
+    gzip-compressed (level 6, no file name or time in the header) when ``compress``."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31) if compress else None
     try:
         while True:
             chunk = source.read(CHUNK)
             if not chunk:
                 break
-            _write_all(fd, chunk)
+            _write_all(fd, packer.compress(chunk) if packer else chunk)
+        if packer:
+            _write_all(fd, packer.flush())
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _same_content(path, archived):
-    """True when file ``path`` has the same bytes as ``archived`` (read through gzip when it ends .gz)."""
+def _same_content(path, archived, path_gz=False):
+    """True when file ``path`` (gzip-compressed when ``path_gz``) has the same bytes as ``archived`` (read
+    through gzip when it ends .gz)."""
     gz = archived.endswith(".gz")
-    if not gz and os.path.getsize(path) != os.path.getsize(archived):
+    if not gz and not path_gz and os.path.getsize(path) != os.path.getsize(archived):
         return False
-    with open(path, "rb") as one, (gzip.open if gz else open)(archived, "rb") as other:
+    with (gzip.open if path_gz else open)(path, "rb") as one, (gzip.open if gz else open)(archived, "rb") as other:
         while True:
             chunk = one.read(CHUNK)
             if chunk != other.read(CHUNK):
@@ -424,12 +435,12 @@ def _same_content(path, archived):
                 return True
 
 
-def _existing(local, final):
+def _existing(local, final, local_gz=False):
     """Compare ``local`` with an archived ``final`` or ``final``.gz: None (neither exists), else the
     message to exit 0 with; raises _Failed when the archive holds different content."""
     for candidate in (final, final + ".gz"):
         if os.path.lexists(candidate):
-            if _same_content(local, candidate):
+            if _same_content(local, candidate, local_gz):
                 return f"already archived, identical: {candidate}"
             raise _Failed(f"{candidate} already exists in the archive with DIFFERENT content; not overwriting "
                           "it. Find out why (two servers archiving into one directory? a restored copy still "
@@ -443,37 +454,41 @@ def _raise_vanished(final):
     raise _Failed(f"{final} appeared and vanished while archiving; will retry")
 
 
-def archive_push(source, archive_dir):
+def archive_push(source, archive_dir, compress=False):
     """Archive ``source`` into ``archive_dir`` durably. Returns a message for stderr (None when there is
-    nothing to say); raises _Failed."""
+    nothing to say); raises _Failed. ``compress``: WAL segments (and .partial ones) are stored as
+    ``NAME.gz``; .history and .backup files stay plain, for people and other tools to read."""
     name = os.path.basename(source)
     if not name or name.startswith("."):
         raise _Failed(f"refusing to archive {source!r}: not a WAL file name")
     if not os.path.isdir(archive_dir):
         raise _Failed(f"archive directory {archive_dir} does not exist or is not a directory "
                       "(is the backup file system mounted?)")
-    final = os.path.join(archive_dir, name)
+    kind = _classify(name)
+    compress = compress and kind is not None and kind[0] in ("segment", "partial")
+    final = os.path.join(archive_dir, name + (".gz" if compress else ""))
     try:
         handle = open(source, "rb")
     except FileNotFoundError:
         raise _Failed(f"source file not found: {source} (cwd {os.getcwd()})")
     try:
         with handle:
-            message = _existing(source, final)
+            plain = os.path.join(archive_dir, name)
+            message = _existing(source, plain)
             if message:
                 return message
             _remove_stale_temps(archive_dir, name)
             temp = os.path.join(archive_dir, f".{name}.tmp.{os.getpid()}")
             try:
-                _copy_to_new_file(handle, temp, durable=True)
+                _copy_to_new_file(handle, temp, durable=True, compress=compress)
                 try:
                     os.link(temp, final)
                 except FileExistsError:
-                    return _existing(temp, final) or _raise_vanished(final)
+                    return _existing(temp, plain, compress) or _raise_vanished(final)
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
                         raise
-                    message = _existing(temp, final)
+                    message = _existing(temp, plain, compress)
                     if message:
                         return message
                     os.rename(temp, final)
@@ -527,6 +542,8 @@ def _parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     push = commands.add_parser("archive-push", help="archive a WAL file (archive_command, %%p)")
+    push.add_argument("--gzip", action="store_true",
+                      help="store WAL segments as NAME.gz (a quiet server's forced segments shrink ~1000x)")
     push.add_argument("path", help="file to archive, relative to the data directory (%%p)")
     push.add_argument("archive_dir")
     get = commands.add_parser("archive-get", help="restore a WAL file (restore_command, %%f %%p)")
@@ -555,7 +572,7 @@ def main(argv=None):
         signal.signal(signum, _on_signal)
     try:
         if args.command == "archive-push":
-            message = archive_push(args.path, args.archive_dir)
+            message = archive_push(args.path, args.archive_dir, compress=args.gzip)
         else:
             message = archive_get(args.name, args.path, args.archive_dir)
         if message:

@@ -615,3 +615,31 @@ def test_real_server_archives_a_continuous_chain(sandbox):
     for lsn in ("0/1", "0/1000000", "0/1000001", "0/FFFFFFFF", "1/0", "1/A8000060", "2A/FF000000"):
         server = sandbox.psql("SELECT pg_walfile_name('%s')" % lsn, user="postgres").strip()
         assert server == wal.segment_name(tli, lsn, prev=True), lsn
+
+
+def test_archive_push_gzip_stores_segments_compressed_and_get_restores_them(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    segment = tmp_path / "000000010000000000000007"
+    segment.write_bytes(b"WAL" + b"\0" * (16 * 1024 * 1024 - 3))  # a forced switch: mostly zeros
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/7000000\tno recovery target specified\n")
+    for source in (segment, history):
+        result = subprocess.run([PYTHON, WAL_PY, "archive-push", "--gzip", str(source), str(archive)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(archive))
+    assert names == ["000000010000000000000007.gz", "00000002.history"]  # history files stay readable
+    assert os.path.getsize(archive / "000000010000000000000007.gz") < 100 * 1024
+    again = subprocess.run([PYTHON, WAL_PY, "archive-push", "--gzip", str(segment), str(archive)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "identical" in again.stderr
+    plain_again = subprocess.run([PYTHON, WAL_PY, "archive-push", str(segment), str(archive)],
+                                 capture_output=True, text=True)
+    assert plain_again.returncode == 0 and "identical" in plain_again.stderr
+    target = tmp_path / "restored"
+    got = subprocess.run([PYTHON, WAL_PY, "archive-get", "000000010000000000000007", str(target),
+                          str(archive)], capture_output=True, text=True)
+    assert got.returncode == 0 and target.read_bytes() == segment.read_bytes()
+    report = wal.check_chain(str(archive), "000000010000000000000007")
+    assert report.ok and report.last == "000000010000000000000007"
