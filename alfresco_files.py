@@ -78,6 +78,23 @@ def copy_config(alf_base_dir, backup_dir, name, log):
             "duration_s": round(time.monotonic() - started, 3), "items": copied, "size_bytes": size,
             "warnings": warnings}
     catalog.write_info(final, info)
+    if eager_orphan_cleanup(os.path.join(alf_base_dir, ITEMS[1][1])):
+        warnings.append("system.content.eagerOrphanCleanup=true in alfresco-global.properties: deleted content "
+                        "is removed at once, so a hot backup can miss files the database still references; "
+                        "set it to false (orphans are then kept system.content.orphanProtectDays days)")
     for warning in warnings:
         log.warning(warning)
     return info, warnings
+
+
+def eager_orphan_cleanup(properties_path):
+    """True when alfresco-global.properties sets system.content.eagerOrphanCleanup=true."""
+    try:
+        with open(properties_path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, sep, value = line.strip().partition("=")
+                if sep and key.strip() == "system.content.eagerOrphanCleanup":
+                    return value.strip().lower() == "true"
+    except OSError:
+        pass
+    return False

@@ -165,11 +165,13 @@ class Night:
         return None
 
     def _base_backup(self, stage):
-        conn = postgres.connect(self.cfg)
-        try:
-            server = postgres.server_facts(conn)
-        finally:
-            conn.close()
+        server = self.server
+        if server is None:  # the space stage could not ask; this gives the real error
+            conn = postgres.connect(self.cfg)
+            try:
+                server = postgres.server_facts(conn)
+            finally:
+                conn.close()
         name = unique_name(self.cfg.BACKUP_DIR, "postgres")
         self.current_names.add(name)
         info = postgres.take_base_backup(self.cfg, server, catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"),
