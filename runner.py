@@ -317,11 +317,19 @@ def prune_wal(cfg, plan, log):
     return wal.apply_prune(cfg.wal_archive_dir, names)
 
 
+class _PrintLog:
+    """A logger stand-in that prints, for --dry-run."""
+
+    def info(self, fmt, *args):
+        print(fmt % args)
+
+
 def dry_run(cfg, retention_only=False):
     """Print what a run would do; change nothing. Returns an exit code."""
     print("Configuration %s" % cfg.env_path)
     if not retention_only:
         env = subprocess_utils.base_env()
+        server = None
         try:
             bin_dir = postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR)
             tool, client_num = postgres.client_version(bin_dir, env)
@@ -343,6 +351,14 @@ def dry_run(cfg, retention_only=False):
         print("would copy: %s" % ", ".join(os.path.join(cfg.ALF_BASE_DIR, rel)
                                            for _w, rel, _t in alfresco_files.ITEMS))
         print("would wait up to %d s for the backup's WAL in %s" % (cfg.WAL_WAIT_TIMEOUT, cfg.wal_archive_dir))
+        if os.path.isdir(cfg.BACKUP_DIR):
+            try:
+                need = space.check(cfg.BACKUP_DIR, cfg.wal_archive_dir, cfg.contentstore_dir,
+                                   server["cluster_size"] if server else 0, 16 << 20, _PrintLog())
+                print("space: enough (database ~%s, contentstore ~%s)" % (
+                    space.human(need["database"]), space.human(need["contentstore"])))
+            except space.SpaceError as exc:
+                print("space: %s" % exc)
     plan = retention.plan_retention(retention.collect(cfg.BACKUP_DIR), datetime.datetime.now(),
                                     cfg.RETENTION_DAYS, min_count=max(1, cfg.RETENTION_MIN_COUNT),
                                     lock_free=False)
