@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""``make demo``: build a throwaway Alfresco-like sandbox (real PostgreSQL, sample contentstore) under /tmp,
-run ``backup.py`` against it twice (with new content in between), print the summary and where the backups
-are. The sandbox is kept for you to look at; the server is stopped at the end.
+"""``make demo``: build a throwaway Alfresco-like sandbox (real PostgreSQL, sample contentstore) under /tmp
+that is not yet set up for backups (no WAL archiving, no replication privilege, no replication lines in
+pg_hba.conf), prepare it with the set-up wizard (``setup.py --non-interactive``), run ``backup.py`` against
+it twice (with new content in between), print the summary and where the backups are. The sandbox is kept for
+you to look at; the server is stopped at the end.
 """
 
 import os
@@ -10,6 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sandbox as sandbox_module  # noqa: E402
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # the wizard runs with the system python3: it is what makes the venv
 
 
 def banner(text):
@@ -28,21 +32,50 @@ def run(sb, args, env_path):
     return result.returncode
 
 
+def quote(value):
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def set_up(sb, env_path):
+    """Run the wizard non-interactively as the service user; print its output; return its exit code."""
+    answers = os.path.join(sb.root, "setup-answers.env")
+    values = {"ALF_BASE_DIR": sb.alf_base_dir, "BACKUP_DIR": sb.backup_dir, "PGSUPERUSER": "postgres",
+              "PGSUPERPASSWORD": sb.superuser_password, "RESTART_POSTGRES": "yes",
+              "VENV_DIR": os.path.join(sb.project_dir, ".venv"),
+              "CRON_SCHEDULE": ""}  # a demo leaves no cron entry behind
+    fd = os.open(answers, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("".join("%s=%s\n" % (k, quote(v)) for k, v in values.items()))
+    sb.chown_to_service_user(answers)
+    python = SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sb.python
+    result = sb.run_as_service_user([python, os.path.join(sb.project_dir, "setup.py"), "--env", env_path,
+                                     "--non-interactive", "--answers", answers], timeout=900)
+    print(result.stdout, end="")
+    if result.stderr.strip():
+        print(result.stderr, end="", file=sys.stderr)
+    return result.returncode
+
+
 def main():
-    banner("1/4 Building the sandbox (PostgreSQL %s, contentstore, keystore, alfresco-global.properties)"
-           % os.path.basename(os.path.dirname(sandbox_module.default_pg_bin())))
-    sb = sandbox_module.Sandbox.create(n_files=200, extra_conf={"archive_timeout": "60"})
-    env_path = sb.write_env()
+    banner("1/5 Building the sandbox (PostgreSQL %s, contentstore, keystore, alfresco-global.properties), "
+           "not yet archiving WAL" % os.path.basename(os.path.dirname(sandbox_module.default_pg_bin())))
+    sb = sandbox_module.Sandbox.create(n_files=200, archive=False, replication=False, hba_replication=False)
+    env_path = os.path.join(sb.root, "backup.env")
     print("sandbox: %s\nALF_BASE_DIR=%s\nBACKUP_DIR=%s\nconfiguration: %s" % (
         sb.root, sb.alf_base_dir, sb.backup_dir, env_path))
+    banner("2/5 Set-up wizard: python3 setup.py --env %s --non-interactive --answers setup-answers.env" % env_path)
+    if set_up(sb, env_path) != 0:
+        sb.stop()
+        print("\nthe set-up wizard failed; the sandbox is kept in %s" % sb.root)
+        return 1
     codes = []
     try:
-        banner("2/4 First night: python backup.py --env %s" % env_path)
+        banner("3/5 First night: python backup.py --env %s" % env_path)
         codes.append(run(sb, [], env_path))
         sb.add_content(20, date=(2025, 6, 1, 2, 0))
-        banner("3/4 Second night, after 20 new documents (unchanged files are hardlinked)")
+        banner("4/5 Second night, after 20 new documents (unchanged files are hardlinked)")
         codes.append(run(sb, [], env_path))
-        banner("4/4 python backup.py --status")
+        banner("5/5 python backup.py --status")
         run(sb, ["--status"], env_path)
     finally:
         sb.stop()

@@ -31,3 +31,14 @@ def test_readme_documents_every_exit_code_and_the_make_targets():
         assert "| %d |" % code in readme
     for command in ("make demo", "make test", "--status", "--check", "--dry-run", "archive-push"):
         assert command in readme
+
+
+def test_readme_documents_the_wizard_exit_codes_and_answer_keys():
+    import setup
+    import setup_answers
+
+    readme = read("README.md")
+    for code in setup.EXIT_CODES:
+        assert "%d " % code in readme.split("Exit codes of `setup.py`")[1][:600]
+    for key in setup_answers.WIZARD_KEYS:
+        assert "`%s`" % key in readme, key
