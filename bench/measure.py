@@ -1,0 +1,376 @@
+"""The measurements: each scenario runs our stage and the bare tool side by side, alternating, cold cache.
+
+:class:`Bench` holds the sandbox and every sample. A sample is a dict: ``side`` (``ours``, ``bare``,
+``bare_gzip``), ``run``, ``position`` (0 = ran first in its run), ``seconds``, ``cold`` (the page cache
+was dropped just before), optionally ``ok`` (False: the step failed; kept, never counted in a median),
+plus facts such as ``size_bytes``. Ours runs in bench/worker.py as the service
+user (only the stage call is timed); bare tools run as the service user too, timed around the process.
+Nothing here judges a timing: bench/report.py compares medians with the targets.
+"""
+
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import dataset
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+PROJECT_DIR = os.path.dirname(BENCH_DIR)
+WORKER = os.path.join(BENCH_DIR, "worker.py")
+STAGE_RE = re.compile(r"backup: (\w+)\s+(OK|WARN|FAILED|SKIPPED)\s+(\d+\.\d+)s")
+TOTAL_RE = re.compile(r"backup: total (\d+\.\d+) s")
+EXTRACT = {".tar": ["-xf"], ".tar.gz": ["-xzf"], ".tar.zst": ["--zstd", "-xf"], ".tar.lz4": ["-I", "lz4", "-xf"]}
+
+import catalog  # noqa: E402  (bench/run.py puts the project directory on sys.path)
+
+
+class BenchError(Exception):
+    """A benchmark step failed (not a timing judgement): the message shows the command and its output."""
+
+
+def drop_caches():
+    """sync, then ask the kernel to drop the page cache, dentries and inodes. True when that worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def order_of(sides, run):
+    """``sides`` rotated by ``run``, so that each side goes first in turn."""
+    shift = run % len(sides)
+    return sides[shift:] + sides[:shift]
+
+
+def restore_verify_available(python=sys.executable, project_dir=PROJECT_DIR):
+    """True when restore.py exists and has a ``verify`` command (``restore.py verify --help`` exits 0)."""
+    path = os.path.join(project_dir, "restore.py")
+    if not os.path.isfile(path):
+        return False
+    proc = subprocess.run([python, path, "verify", "--help"], check=False, capture_output=True, cwd=project_dir,
+                          timeout=120)
+    return proc.returncode == 0
+
+
+class Bench:
+    """One benchmark session on sandbox ``sb`` with the backup configuration ``env_path``."""
+
+    def __init__(self, sb, env_path, log=print):
+        self.sb = sb
+        self.env_path = env_path
+        self.log = log
+        self.samples = {}
+        self.notes = []
+        self.cold_ok = None
+        self.bare_root = os.path.join(sb.root, "bare")
+        self._mkdir(self.bare_root, 0o700)
+        self._last_name = {}
+        self.plan = None
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def _mkdir(self, path, mode=0o755):
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, mode)
+        if os.geteuid() == 0:
+            os.chown(path, self.sb.uid, self.sb.gid)
+
+    def cold(self):
+        ok = drop_caches()
+        self.cold_ok = ok if self.cold_ok is None else (self.cold_ok and ok)
+        return ok
+
+    def add(self, op, side, run, position, seconds, cold, **facts):
+        sample = {"side": side, "run": run, "position": position, "seconds": round(seconds, 4), "cold": cold}
+        sample.update(facts)
+        self.samples.setdefault(op, []).append(sample)
+        self.log("  %-18s %-9s run %d: %8.3f s%s%s" % (op, side, run, seconds, "" if cold else " (warm cache)",
+                                                       "" if facts.get("ok", True) else " FAILED, not counted"))
+        return sample
+
+    def bare(self, argv, what, timeout=3600, extra_env=None):
+        """Run ``argv`` as the service user; returns (seconds, CompletedProcess). Raises BenchError."""
+        started = time.monotonic()
+        proc = self.sb.run_as_service_user(argv, extra_env=extra_env, timeout=timeout)
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise BenchError("%s failed (exit %d): %s\n%s" % (what, proc.returncode, " ".join(argv),
+                                                                (proc.stderr or proc.stdout)[-3000:]))
+        return seconds, proc
+
+    def worker(self, op, *args, timeout=3600):
+        """Run bench/worker.py OP as the service user; returns its JSON result. Raises BenchError."""
+        argv = [self.sb.python, WORKER, op, self.env_path] + [str(a) for a in args]
+        proc = self.sb.run_as_service_user(argv, timeout=timeout)
+        if proc.returncode != 0:
+            raise BenchError("our %s failed (exit %d):\n%s" % (op, proc.returncode, proc.stderr[-4000:]))
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def pg_env(self):
+        return {"PGHOST": self.sb.socket_dir, "PGPORT": self.sb.port, "PGUSER": "alfresco",
+                "PGPASSWORD": self.sb.alfresco_password, "PGCONNECT_TIMEOUT": "30", "PGAPPNAME": "bench"}
+
+    def new_name(self, kind):
+        """A backup name for now that sorts after every name this session used (waits up to 1 s)."""
+        while True:
+            name = catalog.backup_name(kind, datetime.datetime.now().replace(microsecond=0))
+            base = os.path.join(catalog.kind_dir(self.sb.backup_dir, kind), name)
+            if name > self._last_name.get(kind, "") and not os.path.exists(base) \
+                    and not os.path.exists(base + catalog.PARTIAL_SUFFIX):
+                self._last_name[kind] = name
+                return name
+            time.sleep(0.05)
+
+    @staticmethod
+    def remove_entry(path):
+        """Untimed clean-up of a backup directory and its metadata file."""
+        shutil.rmtree(path, ignore_errors=True)
+        for suffix in ("", ".tmp"):
+            try:
+                os.unlink(catalog.info_path(path) + suffix)
+            except FileNotFoundError:
+                pass
+
+    # ---- database backup ----------------------------------------------------------------------------
+    def basebackup_plan(self):
+        if self.plan is None:
+            self.plan = self.worker("plan")
+        return self.plan
+
+    def gzip_args(self):
+        """Our flags with the compression replaced by ``-z`` (gzip, what the seed used)."""
+        args = [a for a in self.basebackup_plan()["args"]
+                if not (a.startswith("--compress") or a in ("-z", "--gzip") or re.match(r"^-Z\d*$", a))]
+        return args + ["-z"]
+
+    def db_backup(self, runs):
+        plan = self.basebackup_plan()
+        for note in plan["notes"]:
+            self.notes.append("basebackup_plan: %s" % note)
+        flags = {"bare": plan["args"], "bare_gzip": self.gzip_args()}
+        for run in range(runs):
+            for position, side in enumerate(order_of(["ours", "bare", "bare_gzip"], run)):
+                cold = self.cold()
+                if side == "ours":
+                    result = self.worker("base_backup", self.new_name("postgres"))
+                    info = result["info"]
+                    self.add("db_backup", side, run, position, result["seconds"], cold, size_bytes=info["size_bytes"],
+                             files=info["files"], stage_duration_s=info.get("duration_s"), call=result["call"],
+                             compression=info.get("compression"), steps=result.get("steps"))
+                    self.remove_entry(os.path.join(catalog.kind_dir(self.sb.backup_dir, "postgres"), info["name"]))
+                else:
+                    dest = os.path.join(self.bare_root, "db-%s-%d" % (side, run))
+                    seconds, _proc = self.bare([plan["tool"], "-D", dest] + flags[side], "pg_basebackup",
+                                               extra_env=self.pg_env())
+                    files = {n: os.path.getsize(os.path.join(dest, n)) for n in sorted(os.listdir(dest))}
+                    self.add("db_backup", side, run, position, seconds, cold, size_bytes=sum(files.values()),
+                             files=files, flags=flags[side])
+                    shutil.rmtree(dest)
+
+    # ---- contentstore -------------------------------------------------------------------------------
+    def snapshots(self):
+        return catalog.done_backups(self.sb.backup_dir, "contentstore")
+
+    def rsync_argv(self, dest, link_dest=None):
+        argv = ["rsync", "-a"] + (["--link-dest=%s" % link_dest] if link_dest else [])
+        return argv + [self.sb.contentstore_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
+
+    def ours_snapshot(self, op, run, position, cold):
+        result = self.worker("snapshot", self.new_name("contentstore"))
+        info = result["info"] or {}
+        return self.add(op, "ours", run, position, result["seconds"], cold, call=result["call"],
+                        engine=info.get("engine", "rsync"), files=info.get("files"),
+                        bytes_copied=info.get("bytes_copied"), stage_duration_s=info.get("duration_s"),
+                        steps=result.get("steps"))
+
+    def first_copy(self):
+        """One full copy each: bare ``rsync -a`` first (then removed), then ours, which stays as the base."""
+        dest = os.path.join(self.bare_root, "full")
+        cold = self.cold()
+        seconds, _proc = self.bare(self.rsync_argv(dest), "rsync -a (full copy)")
+        self.add("snapshot_full", "bare", 0, 0, seconds, cold)
+        shutil.rmtree(dest)
+        self.ours_snapshot("snapshot_full", 0, 1, self.cold())
+
+    def nightly(self, op, run, add_files):
+        """One night: ``add_files()`` (untimed), then ours and bare ``rsync -a --link-dest`` on the same
+        previous snapshot, in alternating order. Returns (previous snapshot path, bare copy path)."""
+        previous = self.snapshots()[-1].path
+        add_files()
+        bare_dest = os.path.join(self.bare_root, "%s-%d" % (op, run))
+        for position, side in enumerate(order_of(["ours", "bare"], run)):
+            cold = self.cold()
+            if side == "ours":
+                self.ours_snapshot(op, run, position, cold)
+            else:
+                seconds, _proc = self.bare(self.rsync_argv(bare_dest, previous), "rsync --link-dest")
+                self.add(op, "bare", run, position, seconds, cold)
+        return previous, bare_dest
+
+    def retention_delete(self, run, ours_path, bare_path, scenario):
+        """Delete one snapshot each: ours with retention.remove_tree (its metadata dropped first, untimed),
+        bare with ``rm -rf``; both trees hold the same files and directories."""
+        self.remove_entry_metadata(ours_path)
+        for position, side in enumerate(order_of(["ours", "bare"], run)):
+            cold = self.cold()
+            if side == "ours":
+                result = self.worker("remove", ours_path)
+                self.add("retention_delete", side, run, position, result["seconds"], cold, scenario=scenario)
+            else:
+                seconds, _proc = self.bare(["rm", "-rf", "--", bare_path], "rm -rf")
+                self.add("retention_delete", side, run, position, seconds, cold, scenario=scenario)
+
+    @staticmethod
+    def remove_entry_metadata(path):
+        try:
+            os.unlink(catalog.info_path(path))
+        except FileNotFoundError:
+            pass
+
+    def contentstore_nights(self, runs, new_files, first_new_day, seed):
+        for run in range(runs):
+            day = first_new_day + datetime.timedelta(days=run)
+
+            def add(day=day, run=run):
+                files = dataset.add_night(self.sb.contentstore_dir, new_files, day, seed + 1000 + run, self.sb.uid,
+                                          self.sb.gid)
+                dataset.insert_rows(self.sb, files)
+                os.sync()
+            previous, bare_dest = self.nightly("snapshot_1pct", run, add)
+            self.retention_delete(run, previous, bare_dest, "1pct")
+        for run in range(runs):
+            previous, bare_dest = self.nightly("snapshot_nochange", run, lambda: None)
+            self.retention_delete(runs + run, previous, bare_dest, "nochange")
+
+    # ---- whole night ----------------------------------------------------------------------------------
+    def nightly_runs(self, runs):
+        """``backup.py`` end to end; overhead = wall time minus the stage durations of its summary."""
+        for run in range(runs):
+            cold = self.cold()
+            started = time.monotonic()
+            proc = self.sb.run_cli("backup.py", env_path=self.env_path, timeout=7200)
+            wall = time.monotonic() - started
+            stages = {m.group(1): (m.group(2), float(m.group(3))) for m in STAGE_RE.finditer(proc.stdout)}
+            total = TOTAL_RE.search(proc.stdout)
+            if not stages:
+                raise BenchError("backup.py printed no summary (exit %d):\n%s%s" % (
+                    proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+            stage_sum = sum(d for _s, d in stages.values())
+            failed = [n for n, (s, _d) in stages.items() if s == "FAILED"]
+            if failed or proc.returncode != 0:
+                self.notes.append("backup.py run %d exit %d, failed stages: %s" % (run, proc.returncode,
+                                                                                   ", ".join(failed) or "none"))
+            self.add("nightly_overhead", "ours", run, 0, wall - stage_sum, cold, ok=proc.returncode == 0,
+                     wall_s=round(wall, 3),
+                     stages={n: {"status": s, "seconds": d} for n, (s, d) in stages.items()},
+                     stage_sum_s=round(stage_sum, 3), run_total_s=float(total.group(1)) if total else None,
+                     exit_code=proc.returncode)
+
+    # ---- restore drill ----------------------------------------------------------------------------------
+    def drill_backup(self):
+        """The base backup the drill restores: the newest DONE one (from backup.py), else a fresh one of ours."""
+        done = catalog.done_backups(self.sb.backup_dir, "postgres")
+        if done:
+            return done[-1].path
+        info = self.worker("base_backup", self.new_name("postgres"))["info"]
+        return os.path.join(catalog.kind_dir(self.sb.backup_dir, "postgres"), info["name"])
+
+    def restore_drill(self, runs):
+        backup = self.drill_backup()
+        ours = restore_verify_available()
+        if not ours:
+            self.notes.append("restore drill, ours: not available yet (no restore.py with a verify command)")
+        for run in range(runs):
+            sides = order_of(["ours", "bare"], run) if ours else ["bare"]
+            for position, side in enumerate(sides):
+                cold = self.cold()
+                if side == "bare":
+                    seconds = self.bare_restore(backup)
+                    self.add("restore_drill", side, run, position, seconds, cold, backup=os.path.basename(backup))
+                else:
+                    started = time.monotonic()
+                    proc = self.sb.run_as_service_user(
+                        [self.sb.python, os.path.join(PROJECT_DIR, "restore.py"), "verify", "--env", self.env_path,
+                         "--backup", os.path.basename(backup)], timeout=7200)
+                    seconds = time.monotonic() - started
+                    if proc.returncode != 0:
+                        self.notes.append("restore.py verify run %d exit %d: %s" % (
+                            run, proc.returncode, (proc.stderr or proc.stdout).strip()[-300:]))
+                    self.add("restore_drill", side, run, position, seconds, cold, ok=proc.returncode == 0,
+                             exit_code=proc.returncode,
+                             backup=os.path.basename(backup), output_tail=(proc.stdout + proc.stderr)[-3000:])
+
+    def bare_restore(self, backup):
+        """``tar -x`` base + pg_wal into a fresh directory, start ``postgres`` on it (no archiving, own port
+        and socket) and wait until it accepts connections. Returns seconds; stops it and cleans up."""
+        work = os.path.join(self.sb.root, "drill")
+        pgdata, sock = os.path.join(work, "pgdata"), os.path.join(work, "run")
+        for path, mode in ((work, 0o755), (pgdata, 0o700), (sock, 0o755)):
+            self._mkdir(path, mode)
+        names = sorted(os.listdir(backup))
+        base = next(n for n in names if n.startswith("base.tar"))
+        wal_tar = next((n for n in names if n.startswith("pg_wal.tar")), None)
+        port = _free_port()
+        proc = None
+        started = time.monotonic()
+        try:
+            self.bare(["tar"] + EXTRACT[base[len("base"):]] + [os.path.join(backup, base), "-C", pgdata], "tar -x")
+            if wal_tar:
+                self.bare(["tar"] + EXTRACT[wal_tar[len("pg_wal"):]] + [os.path.join(backup, wal_tar), "-C",
+                                                                          os.path.join(pgdata, "pg_wal")], "tar -x")
+            proc = self._start_postgres(pgdata, sock, port, os.path.join(work, "postgres.log"))
+            self._wait_ready(proc, sock, port, os.path.join(work, "postgres.log"))
+            return time.monotonic() - started
+        finally:
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)  # fast shutdown
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _start_postgres(self, pgdata, sock, port, log_path):
+        argv = [os.path.join(self.sb.pg_bin, "postgres"), "-D", pgdata, "-p", str(port), "-c", "listen_addresses=",
+                "-c", "unix_socket_directories=%s" % sock, "-c", "archive_mode=off", "-c", "restore_command="]
+        kwargs = {}
+        if os.geteuid() == 0:
+            kwargs = {"user": self.sb.uid, "group": self.sb.gid, "extra_groups": []}
+        log = open(log_path, "ab")
+        try:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.sb.root, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                    **kwargs)
+        finally:
+            log.close()
+
+    def _wait_ready(self, proc, sock, port, log_path, timeout=600):
+        isready = [os.path.join(self.sb.pg_bin, "pg_isready"), "-q", "-h", sock, "-p", str(port)]
+        deadline = time.monotonic() + timeout
+        while subprocess.run(isready, check=False).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(log_path, encoding="utf-8", errors="replace") as handle:
+                    tail = handle.read()[-3000:]
+                raise BenchError("the restored server did not come up (exit %s):\n%s" % (proc.poll(), tail))
+            time.sleep(0.02)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
