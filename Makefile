@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test test-all lint demo clean
+.PHONY: deps venv test test-all lint demo bench clean
 
 deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,6 +31,10 @@ test: deps venv lint
 
 demo: deps venv
 	$(PY) tests/demo.py
+
+# Our stages against the bare tools (root for a cold cache). BENCH_ARGS=--quick for a one-minute check.
+bench: deps venv
+	$(SUDO) $(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -78,9 +78,15 @@ def client_version(bin_dir, env):
 
 class BasebackupPlan:
     """What :func:`basebackup_plan` decided: ``args`` (flags after -D DIR), ``wal_method``,
-    ``compression`` (method actually used), ``level``, ``extension``, ``notes`` (warnings to log)."""
+    ``compression`` (method actually used), ``level``, ``extension``, ``notes`` (warnings to log),
+    ``location`` ('client' or 'server')."""
 
-    def __init__(self, args, wal_method, compression, level, extension, notes):
+    @property
+    def spec(self):
+        return "%s-%s%s" % (self.location, self.compression, ":%d" % self.level if self.level is not None else "")
+
+    def __init__(self, args, wal_method, compression, level, extension, notes, location="client"):
+        self.location = location
         self.args = args
         self.wal_method = wal_method
         self.compression = compression
@@ -104,6 +110,9 @@ def basebackup_plan(client_num, server_num, compression, label):
             "postgresql/bin" % (version_label(client_num), version_label(server_num)))
     notes = []
     location, method, level = parse_compression(compression)
+    if location is None:
+        # Measured here: server-side zstd 0.56-0.75 s vs client-side 0.79-0.99 s for the same 450 MB cluster.
+        location = "server" if client_num >= 150000 and server_num >= 150000 else "client"
     if client_num < 150000 and method in ("zstd", "lz4"):
         notes.append("pg_basebackup %s supports only gzip; using gzip instead of %s"
                      % (version_label(client_num), method))
@@ -126,12 +135,13 @@ def basebackup_plan(client_num, server_num, compression, label):
             args.append("--gzip")
     if client_num >= 130000 and server_num >= 130000:
         args.append("--manifest-checksums=SHA256")
-    return BasebackupPlan(args, wal_method, method, level, tar_io.EXTENSIONS[method], notes)
+    return BasebackupPlan(args, wal_method, method, level, tar_io.EXTENSIONS[method], notes, location)
 
 
 def parse_compression(text):
-    """'server-zstd:5' → ('server', 'zstd', 5); 'gzip' → ('client', 'gzip', None) (pure)."""
-    location, _, rest = text.rpartition("-") if text.startswith(("client-", "server-")) else ("client", "", text)
+    """'server-zstd:5' → ('server', 'zstd', 5); 'gzip' → (None, 'gzip', None): no location means "the
+    fastest that works", see :func:`basebackup_plan` (pure)."""
+    location, _, rest = text.partition("-") if text.startswith(("client-", "server-")) else (None, "", text)
     method, _, level = rest.partition(":")
     return location, method, int(level) if level else None
 
@@ -204,11 +214,10 @@ def check_backup_dir(directory, wal_method, server_num):
     if not base:
         raise PostgresError("pg_basebackup wrote no base.tar* in %s" % directory)
     try:
-        members = tar_io.list_members(os.path.join(directory, base[0]))
-        if "backup_label" not in members:
+        members, contents = tar_io.scan(os.path.join(directory, base[0]), ("backup_label",))
+        if "backup_label" not in contents:
             raise PostgresError("%s has no backup_label: not a usable base backup" % base[0])
-        label = tar_io.read_member(os.path.join(directory, base[0]), "backup_label")
-        facts = parse_backup_label(label.decode("utf-8", "replace"))
+        facts = parse_backup_label(contents["backup_label"].decode("utf-8", "replace"))
         # Every other tar must read to its end too; tablespaces (<oid>.tar) join the manifest check.
         all_members, wal_members = dict(members), None
         for name in files:
@@ -261,18 +270,19 @@ def take_base_backup(cfg, server, dest_root, name, log):
     os.makedirs(dest_root, mode=0o700, exist_ok=True)
     os.mkdir(partial, 0o700)
     try:
-        try:
-            result = _run_basebackup(tool, partial, plan, env, cfg)
-        except subprocess_utils.CommandError as exc:
-            if not (unsupported_compression(exc.stderr_tail) and plan.compression not in ("gzip", "none")):
-                raise
-            # e.g. a pg_basebackup built without zstd (PyPI's pgserver 16): gzip works everywhere.
-            log.warning("%s compression is not available here (%s); taking the backup with gzip",
-                        plan.compression, exc.stderr_tail.strip().splitlines()[-1])
-            shutil.rmtree(partial)
-            os.mkdir(partial, 0o700)
-            plan = basebackup_plan(client_num, server["version_num"], "gzip", "alfresco-backup %s" % name)
-            result = _run_basebackup(tool, partial, plan, env, cfg)
+        for fallback in _compression_fallbacks(plan) + [None]:
+            try:
+                result = _run_basebackup(tool, partial, plan, env, cfg)
+                break
+            except subprocess_utils.CommandError as exc:
+                if fallback is None or not unsupported_compression(exc.stderr_tail):
+                    raise
+                # e.g. a server built without zstd, or PyPI's pgserver 16 whose client lacks it.
+                log.warning("%s is not available here (%s); trying %s", plan.spec,
+                            subprocess_utils.reason_line(exc.stderr_tail), fallback)
+                shutil.rmtree(partial)
+                os.mkdir(partial, 0o700)
+                plan = basebackup_plan(client_num, server["version_num"], fallback, "alfresco-backup %s" % name)
         compress_wal_tar(partial, plan.compression, plan.level, log)
         facts = check_backup_dir(partial, plan.wal_method, server["version_num"])
     except subprocess_utils.CommandError as exc:
@@ -310,6 +320,7 @@ def take_base_backup(cfg, server, dest_root, name, log):
         "server_version": version_label(server["version_num"]), "server_version_num": server["version_num"],
         "pg_basebackup": tool, "pg_basebackup_version": version_label(client_num),
         "wal_method": plan.wal_method, "compression": plan.compression, "compression_level": plan.level,
+        "compression_location": plan.location,
         "files": facts["files"], "size_bytes": sum(facts["files"].values()),
         "database_size_bytes": server.get("database_size"),
     }
@@ -317,16 +328,27 @@ def take_base_backup(cfg, server, dest_root, name, log):
     return info
 
 
+def _compression_fallbacks(plan):
+    """What to try when the tools lack ``plan``'s compression: client-side, then gzip (pure)."""
+    if plan.compression in ("gzip", "none") and plan.location != "server":
+        return []
+    level = ":%d" % plan.level if plan.level is not None else ""
+    fallbacks = ["client-%s%s" % (plan.compression, level)] if plan.location == "server" else []
+    return fallbacks + (["client-gzip"] if plan.compression != "gzip" else [])
+
+
 def _run_basebackup(tool, partial, plan, env, cfg):
     return subprocess_utils.run([tool, "-D", partial] + plan.args, env, timeout=cfg.PG_BACKUP_TIMEOUT,
                                 secrets=cfg.secrets(), what="pg_basebackup")
 
 
-WAL_TAR_COMPRESSORS = {"zstd": ["zstd", "-q", "--rm", "-f"], "lz4": ["lz4", "-q", "--rm", "-f"]}
+WAL_TAR_COMPRESSORS = {"zstd": ["zstd", "-q", "--rm", "-f"], "lz4": ["lz4", "-q", "--rm", "-f"],
+                       "gzip": ["gzip", "-f"]}
 
 
 def compress_wal_tar(directory, method, level, log):
-    """pg_basebackup 15+ leaves pg_wal.tar uncompressed with zstd/lz4 (16+ MB); compress it the same way.
+    """pg_basebackup 15+ leaves pg_wal.tar uncompressed with zstd/lz4 or server-side compression (16+ MB);
+    compress it the same way.
 
     Without the zstd/lz4 program it stays uncompressed (a note in the log). Raises CommandError.
     """
@@ -337,9 +359,9 @@ def compress_wal_tar(directory, method, level, log):
     if not shutil.which(tool[0]):
         log.warning("%s not found: pg_wal.tar stays uncompressed (install %s)", tool[0], tool[0])
         return
-    level_flag = ["-%d" % min(level, 19 if method == "zstd" else 12)] if level else []
+    level_flag = ["-%d" % min(level, {"zstd": 19, "lz4": 12, "gzip": 9}[method])] if level else []
     target = path + tar_io.EXTENSIONS[method]
-    output = ["-o", target] if method == "zstd" else [target]
+    output = {"zstd": ["-o", target], "lz4": [target], "gzip": []}[method]
     subprocess_utils.run(tool + level_flag + [path] + output, subprocess_utils.base_env(), timeout=600,
                          what="compressing pg_wal.tar")
 

@@ -155,6 +155,8 @@ def test_10_to_14_stream_wal_and_use_old_compress_syntax(client):
 
 @pytest.mark.parametrize("client", [V15, V16])
 def test_15_plus_uses_client_side_compress_spec(client):
+    # A 14 server cannot compress: the 15+ client does it, with the 15 --compress syntax.
+    V15 = 140010  # noqa: N806  (the server of this test)
     zstd = plan(client, V15, "zstd:3")
     assert "--compress=client-zstd:level=3" in zstd.args
     assert (zstd.compression, zstd.level, zstd.extension, zstd.notes) == ("zstd", 3, ".zst", [])
@@ -535,8 +537,8 @@ def test_server_side_compression_with_an_old_client_becomes_gzip():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("zstd", ("client", "zstd", None)), ("server-zstd:5", ("server", "zstd", 5)),
-    ("client-lz4:1", ("client", "lz4", 1)), ("none", ("client", "none", None)), ("gzip:9", ("client", "gzip", 9))])
+    ("zstd", (None, "zstd", None)), ("server-zstd:5", ("server", "zstd", 5)),
+    ("client-lz4:1", ("client", "lz4", 1)), ("none", (None, "none", None)), ("gzip:9", (None, "gzip", 9))])
 def test_parse_compression(text, expected):
     assert postgres.parse_compression(text) == expected
 
@@ -548,3 +550,17 @@ def test_parse_compression(text, expected):
     ("pg_basebackup: error: connection to server failed", False)])
 def test_unsupported_compression_is_recognised(stderr, expected):
     assert postgres.unsupported_compression(stderr) is expected
+
+
+def test_unspecified_location_compresses_on_the_server_when_both_are_15_plus():
+    result = plan(V16, V15, "zstd")
+    assert "--compress=server-zstd" in result.args and result.location == "server" and not result.notes
+    assert plan(V15, 140010, "zstd").location == "client"
+    assert plan(V15, V15, "client-zstd").location == "client"
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("zstd:3", ["client-zstd:3", "client-gzip"]), ("client-zstd", ["client-gzip"]), ("client-gzip", []),
+    ("server-gzip", ["client-gzip"]), ("none", [])])
+def test_compression_fallbacks(spec, expected):
+    assert postgres._compression_fallbacks(plan(V15, V15, spec)) == expected
