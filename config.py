@@ -31,8 +31,9 @@ OPTIONS = [
     ("WAL_ARCHIVE_DIR", "path", "", False,
      "Where archive_command puts WAL segments; empty: BACKUP_DIR/pg_wal", False),
     ("PG_COMPRESSION", "compression", "zstd", False,
-     "Base backup compression: zstd, lz4, gzip or none, optionally server- (15+) and a level (zstd:3, "
-     "server-zstd); falls back to gzip where the tools cannot", False),
+     "Base backup compression: zstd, lz4, gzip or none, with an optional level (zstd:3) and client-/server- "
+     "prefix; without a prefix the server compresses when both ends are 15+; falls back to client-side, "
+     "then gzip, where the tools lack it", False),
     ("CONTENTSTORE_METHOD", "choice:auto|rsync", "auto", False,
      "auto: rsync for the first copy, the faster in-process hardlink engine nightly; rsync: always rsync", False),
     ("CONTENTSTORE_PARALLEL", "int", "4", False, "Threads for the nightly contentstore snapshot", False),

@@ -53,6 +53,9 @@ API (all paths absolute strings)::
 
 Environment: SANDBOX_PG_BIN selects the PostgreSQL bin directory (default: ``pg_config --bindir`` if it has
 postgres and initdb, else the newest /usr/lib/postgresql/*/bin); ALFSANDBOX_KEEP=1 makes destroy() keep files.
+Other majors (10..16) come from tests/matrix_pg.py, whose bin dirs hold server and client tools together:
+``SANDBOX_PG_BIN=$(python tests/matrix_pg.py path 10) pytest tests/test_backup_e2e.py`` runs a test on 10
+(tests written for 15 may assume its file names, e.g. backup_manifest, which 10..12 do not write).
 
 CLI (for ``make demo``)::
 
