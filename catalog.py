@@ -184,3 +184,15 @@ def parse_iso(text):
     if value.tzinfo is None:
         value = value.replace(tzinfo=datetime.timezone.utc)
     return value
+
+
+def human_size(size):
+    """Bytes as ``"512 B"``, ``"1.5 MiB"``...; ``"-"`` for None."""
+    if size is None:
+        return "-"
+    size = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024.0
+    return "-"  # unreachable

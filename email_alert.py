@@ -21,6 +21,7 @@ import socket
 import ssl
 from email.message import EmailMessage
 
+from catalog import human_size
 from subprocess_utils import mask
 
 LOG = logging.getLogger("email_alert")
@@ -90,18 +91,6 @@ def should_send(cfg, failed):
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-def human_size(size):
-    """Bytes as ``"512 B"``, ``"1.5 MiB"``...; ``"-"`` for None."""
-    if size is None:
-        return "-"
-    size = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024.0
-    return "-"  # unreachable
-
 
 def human_duration(seconds):
     """Seconds as ``"4.2 s"``, ``"3 min 07 s"``, ``"2 h 05 min"``; ``"-"`` for None."""

@@ -161,7 +161,7 @@ class Night:
                            self.server["wal_segment_size"] if self.server else 16 << 20, self.log)
         stage.size = need["database"] + need["contentstore"]
         stage.detail = "estimated need: database ~%s, contentstore ~%s" % (
-            space.human(need["database"]), space.human(need["contentstore"]))
+            catalog.human_size(need["database"]), catalog.human_size(need["contentstore"]))
         return None
 
     def _base_backup(self, stage):
@@ -272,19 +272,9 @@ class Night:
                  "%-14s %-8s %10s %12s  %s" % ("stage", "status", "duration", "size", "detail")]
         for s in self.stages:
             lines.append("%-14s %-8s %9.1fs %12s  %s" % (s.name, s.status, s.duration,
-                                                          human_size(s.size), s.error or s.detail))
+                                                          catalog.human_size(s.size), s.error or s.detail))
         lines.append("total %.1f s; backups in %s" % (total_seconds, self.cfg.BACKUP_DIR))
         return "\n".join(lines)
-
-
-def human_size(size):
-    if size is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
-        size /= 1024.0
-    return str(size)
 
 
 def archiver_reason(cfg):
@@ -356,7 +346,7 @@ def dry_run(cfg, retention_only=False):
                 need = space.check(cfg.BACKUP_DIR, cfg.wal_archive_dir, cfg.contentstore_dir,
                                    server["cluster_size"] if server else 0, 16 << 20, _PrintLog())
                 print("space: enough (database ~%s, contentstore ~%s)" % (
-                    space.human(need["database"]), space.human(need["contentstore"])))
+                    catalog.human_size(need["database"]), catalog.human_size(need["contentstore"])))
             except space.SpaceError as exc:
                 print("space: %s" % exc)
     plan = retention.plan_retention(retention.collect(cfg.BACKUP_DIR), datetime.datetime.now(),

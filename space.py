@@ -14,6 +14,7 @@ import datetime
 import os
 
 import catalog
+from catalog import human_size as human
 
 GROWTH_DB = 1.25
 GROWTH_CONTENT = 1.5
@@ -24,14 +25,6 @@ HISTORY = 7
 
 class SpaceError(Exception):
     """Not enough free space; the message has the numbers and what to do."""
-
-
-def human(size):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
-        size /= 1024.0
-    return str(size)
 
 
 def estimate(cluster_bytes, bases, snapshots, store_bytes=None, partial_bytes=0, wal_segment_size=16 << 20,

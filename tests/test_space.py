@@ -67,4 +67,4 @@ def test_check_refuses_with_the_numbers(tmp_path, monkeypatch):
         space.check(str(backup_dir), str(backup_dir / "pg_wal"), str(store), 10 * MB, 16 * MB,
                     logging.getLogger("test"))
     message = str(error.value)
-    assert str(backup_dir) in message and "4.0 KB free" in message and "first base backup" in message
+    assert str(backup_dir) in message and "4.0 KiB free" in message and "first base backup" in message
