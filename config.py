@@ -12,7 +12,7 @@ import stat
 import sys
 
 # (name, type, default, required, description, secret)
-# Types: str, int, path (absolute), bool, choice:a|b, emails (comma-separated list), compression.
+# Types: str, int, bool, path (absolute), choice:a|b, emails (comma-separated list), compression.
 OPTIONS = [
     ("PGHOST", "str", "localhost", False,
      "PostgreSQL host name, or the Unix socket directory (e.g. /tmp or the bundle's socket dir)", False),
@@ -43,6 +43,12 @@ OPTIONS = [
      False),
     ("WAL_WAIT_TIMEOUT", "int", "60", False,
      "Seconds to wait after a base backup for its last WAL segment to reach the archive", False),
+    ("VERIFY_AFTER_BACKUP", "bool", "false", False,
+     "Drill tonight's backup after taking it (restore.py verify: restore into BACKUP_DIR/.verify-*, start, check "
+     "tables and content); the result goes into the mail. Needs room for one more copy of the database", False),
+    ("VERIFY_TIMEOUT", "int", "3600", False, "Seconds the restore drill may wait for recovery to finish", False),
+    ("VERIFY_SCRATCH_DIR", "path", "", False, "Where the restore drill restores (a local disk; PostgreSQL may "
+     "refuse a data directory on a CIFS/NFS share); empty: BACKUP_DIR", False),
     ("PG_BACKUP_TIMEOUT", "int", "0", False, "Seconds before pg_basebackup is stopped; 0: no limit", False),
     ("RSYNC_TIMEOUT", "int", "0", False,
      "Seconds before the contentstore copy is stopped; 0: no limit (a first multi-TB copy takes hours)", False),
@@ -134,6 +140,14 @@ def _convert(name, kind, raw, problems):
             problems.append((name, "must be one of %s, got %r" % (", ".join(allowed), raw)))
             return None
         return raw.lower()
+    if kind == "bool":
+        value = raw.lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        problems.append((name, "must be true or false, got %r" % raw))
+        return None
     if kind == "emails":
         addresses = [a.strip() for a in raw.split(",") if a.strip()]
         bad = [a for a in addresses if not EMAIL_RE.match(a)]

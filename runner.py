@@ -69,6 +69,7 @@ class Night:
         self.current_names = set()
         self.window = None
         self.server = None
+        self.verify_summary = None
 
     def stage(self, name, doing, func):
         """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
@@ -113,6 +114,11 @@ class Night:
                        self._complete_base_backup)
         else:
             self.skip("wal_archive", "no base backup was taken tonight")
+        if cfg.VERIFY_AFTER_BACKUP:
+            if self.base_info and self.base_info.get("status") == catalog.DONE:
+                self.stage("verify", "restore drill of %s" % self.base_info["name"], self._verify)
+            else:
+                self.skip("verify", "no complete base backup tonight: nothing to drill")
         self.stage("wal_health", "checking the WAL archive and the recovery window", self._wal_health)
         backup_failed = [s.name for s in self.stages
                          if s.status == FAILED and s.name not in ("wal_config", "wal_health", "space")]
@@ -219,6 +225,19 @@ class Night:
         catalog.write_info(path, info)
         raise postgres.PostgresError(info["error"])
 
+    def _verify(self, stage):
+        import restore_verify  # late: only nights that drill need it
+
+        result = restore_verify.verify_backup(self.cfg, backup_name=self.base_info["name"], log=self.log,
+                                              timeout=self.cfg.VERIFY_TIMEOUT)
+        self.verify_summary = result.summary_text
+        stage.detail = result.summary_text.splitlines()[0]
+        if not result.ok:
+            raise postgres.PostgresError("restore drill failed: " + "; ".join(result.details["failures"]))
+        if result.details["warnings"]:
+            return WARN, "; ".join(result.details["warnings"])
+        return None
+
     def _wal_health(self, stage):
         import status  # late: status imports runner for archiver_reason
 
@@ -262,10 +281,11 @@ class Night:
         return [s.as_dict() for s in self.stages]
 
     def extra_sections(self):
+        sections = [("Restore drill", self.verify_summary)] if self.verify_summary else []
         if self.window:
-            return [("Recovery window", "You can restore the database to any moment from %s to %s."
-                     % (self.window["from"], self.window["to"]))]
-        return [("Recovery window", "None: no complete base backup with an unbroken WAL chain.")]
+            return sections + [("Recovery window", "You can restore the database to any moment from %s to %s."
+                                % (self.window["from"], self.window["to"]))]
+        return sections + [("Recovery window", "None: no complete base backup with an unbroken WAL chain.")]
 
     def summary(self, total_seconds):
         lines = ["", "Backup summary (%s)" % ("OK" if self.ok else "FAILED"),

@@ -57,26 +57,33 @@ def set_up(sb, env_path):
 
 
 def main():
-    banner("1/5 Building the sandbox (PostgreSQL %s, contentstore, keystore, alfresco-global.properties), "
+    banner("1/6 Building the sandbox (PostgreSQL %s, contentstore, keystore, alfresco-global.properties), "
            "not yet archiving WAL" % os.path.basename(os.path.dirname(sandbox_module.default_pg_bin())))
     sb = sandbox_module.Sandbox.create(n_files=200, archive=False, replication=False, hba_replication=False)
     env_path = os.path.join(sb.root, "backup.env")
     print("sandbox: %s\nALF_BASE_DIR=%s\nBACKUP_DIR=%s\nconfiguration: %s" % (
         sb.root, sb.alf_base_dir, sb.backup_dir, env_path))
-    banner("2/5 Set-up wizard: python3 setup.py --env %s --non-interactive --answers setup-answers.env" % env_path)
+    banner("2/6 Set-up wizard: python3 setup.py --env %s --non-interactive --answers setup-answers.env" % env_path)
     if set_up(sb, env_path) != 0:
         sb.stop()
         print("\nthe set-up wizard failed; the sandbox is kept in %s" % sb.root)
         return 1
     codes = []
     try:
-        banner("3/5 First night: python backup.py --env %s" % env_path)
+        banner("3/6 First night: python backup.py --env %s" % env_path)
         codes.append(run(sb, [], env_path))
         sb.add_content(20, date=(2025, 6, 1, 2, 0))
-        banner("4/5 Second night, after 20 new documents (unchanged files are hardlinked)")
+        banner("4/6 Second night, after 20 new documents (unchanged files are hardlinked)")
         codes.append(run(sb, [], env_path))
-        banner("5/5 python backup.py --status")
+        banner("5/6 python backup.py --status")
         run(sb, ["--status"], env_path)
+        banner("6/6 Restore drill of the backup just made: python restore.py --env %s verify" % env_path)
+        drill = sb.run_cli("restore.py", args=["verify"], env_path=env_path, timeout=900)
+        text = drill.stdout
+        print(text[text.find("Restore drill"):] if "Restore drill" in text else text, end="")
+        if drill.stderr.strip():
+            print(drill.stderr, end="", file=sys.stderr)
+        codes.append(drill.returncode)
     finally:
         sb.stop()
     print("\nBackups are in %s:" % sb.backup_dir)

@@ -241,3 +241,15 @@ def test_help_documents_exit_codes(sandbox):
     result = sandbox.run_cli("backup.py", args=["--help"])
     assert result.returncode == 0
     assert "Exit codes" in result.stdout and "3 another backup" in result.stdout
+
+
+def test_nightly_restore_drill_reports_in_the_mail(sandbox):
+    sb = sandbox
+    with MailServer() as mail:
+        result = run_backup(sb, sb.write_env(VERIFY_AFTER_BACKUP="true", ALERT_ON="always", **mail.env()))
+        messages = mail.wait(1)
+    assert result.returncode == EXIT_OK, result.stdout
+    assert "verify" in result.stdout and "Backup summary (OK)" in result.stdout
+    assert len(messages) == 1 and "OK" in messages[0]["subject"]
+    assert "Restore drill" in messages[0]["body"]
+    assert not glob.glob(os.path.join(sb.backup_dir, ".verify-*"))  # the drill cleans up after itself

@@ -376,7 +376,7 @@ def test_markdown_table_has_one_well_formed_row_per_option():
 def test_option_table_is_consistent():
     assert len(set(config.OPTION_NAMES)) == len(config.OPTION_NAMES)
     for name, kind, default, required, description, _secret in config.OPTIONS:
-        assert kind in ("str", "int", "path", "emails", "compression") or kind.startswith("choice:"), name
+        assert kind in ("str", "int", "bool", "path", "emails", "compression") or kind.startswith("choice:"), name
         assert description
         assert not (required and default), name
         if default:
@@ -400,3 +400,15 @@ def test_config_error_lists_problems():
     assert exc.problems == [("A", "bad"), ("B", "worse")]
     assert "A: bad" in str(exc) and "B: worse" in str(exc)
 
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("YES", True), ("1", True), ("off", False),
+                                          ("false", False), ("0", False)])
+def test_bool_values(tree, raw, expected):
+    assert config.validate(minimal(tree, VERIFY_AFTER_BACKUP=raw)).VERIFY_AFTER_BACKUP is expected
+
+
+def test_bad_bool_is_named(tree):
+    with pytest.raises(config.ConfigError) as error:
+        config.validate(minimal(tree, VERIFY_AFTER_BACKUP="maybe"))
+    assert error.value.problems == [("VERIFY_AFTER_BACKUP", "must be true or false, got 'maybe'")]

@@ -1,0 +1,309 @@
+"""Restoring the database: archive facts, the plan, extraction into a data directory, recovery files.
+
+Used by ``restore.py postgres``, the restore drill (restore_verify.py) and the in-place restore
+(restore_full.py). Raises :class:`RestoreError` (or restore_plan.PlanError) with a message that says what to do.
+"""
+
+import collections
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+
+import catalog
+import postgres
+import restore_plan
+import restore_settings
+import subprocess_utils
+import tar_io
+import wal
+
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class RestoreError(Exception):
+    """A restore step failed; the message names the step, the path and the fix."""
+
+
+class Refused(RestoreError):
+    """Refused before anything was changed (directory not empty, not enough space, not confirmed...)."""
+
+
+ArchiveFacts = collections.namedtuple("ArchiveFacts", "archive_dir mtimes newest_at")
+Chain = collections.namedtuple("Chain", "ok first_missing reach_end report")
+DbPlan = collections.namedtuple("DbPlan", "base target notes archive chain")
+
+
+def archive_facts(archive_dir):
+    """ArchiveFacts: {segment name: aware mtime} of the archived WAL segments and the newest of them."""
+    mtimes = {}
+    if os.path.isdir(archive_dir):
+        for name in wal.archive_segments(archive_dir):
+            base = name[:-3] if name.endswith(".gz") else name
+            if wal.is_segment_name(base):
+                stamp = os.stat(os.path.join(archive_dir, name)).st_mtime
+                mtimes[base] = datetime_utc(stamp)
+    return ArchiveFacts(archive_dir, mtimes, max(mtimes.values()) if mtimes else None)
+
+
+def datetime_utc(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+
+
+def chain_from(base, facts):
+    """Chain: is the archived WAL continuous from ``base``'s start segment? ``reach_end`` is the time of
+    the last segment before the first gap (or of the newest segment)."""
+    seg_size = base.info.get("wal_segment_size") or wal.DEFAULT_SEG_SIZE
+    start = base.info.get("start_wal_file")
+    if not start:
+        raise RestoreError("backup %s has no start_wal_file in its metadata" % base.name)
+    if not os.path.isdir(facts.archive_dir):
+        return Chain(False, start, None, None)
+    report = wal.check_chain(facts.archive_dir, start, seg_size)
+    if report.ok:
+        return Chain(True, None, facts.newest_at, report)
+    missing = report.gaps[0][0]
+    limit = wal.segment_number(missing, seg_size)
+    before = [t for n, t in facts.mtimes.items() if wal.segment_number(n, seg_size) < limit]
+    return Chain(False, missing, max(before) if before else None, report)
+
+
+def lineage(archive_dir, timeline):
+    """{timeline: fork LSN or None} that recovery follows for recovery_target_timeline ``timeline``
+    ('latest': the highest .history in the archive), or None when any base backup will do."""
+    if timeline == "current" or not os.path.isdir(archive_dir):
+        return None
+    histories = {int(n[:8], 16): n for n in wal.archive_segments(archive_dir) if wal.is_history_name(n)}
+    if timeline != "latest":
+        wanted = int(timeline)
+    elif histories:
+        wanted = max(histories)
+    else:
+        return None  # no timeline switch ever archived
+    result = {wanted: None}
+    if wanted in histories:
+        for parent, switch_lsn, _reason in wal.read_history_file(os.path.join(archive_dir, histories[wanted])):
+            result[parent] = switch_lsn
+    return result
+
+
+def plan_database(cfg, target, backup_id=None, timeline="latest"):
+    """DbPlan for restoring the database to ``target``. Raises PlanError when it cannot be reached."""
+    bases = catalog.list_backups(cfg.BACKUP_DIR, "postgres")
+    facts = archive_facts(cfg.wal_archive_dir)
+    follow = None if target.kind == "immediate" else lineage(cfg.wal_archive_dir, str(timeline))
+    base, notes = restore_plan.choose_base(bases, target, backup_id, facts.newest_at, follow)
+    chain = chain_from(base, facts)
+    restore_plan.check_wal_reach(target, chain.ok, chain.reach_end, chain.first_missing)
+    return DbPlan(base, target, notes, facts, chain)
+
+
+def restore_command(cfg):
+    python = SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
+    return restore_settings.restore_command(python, os.path.join(PROJECT_DIR, "wal.py"), cfg.wal_archive_dir)
+
+
+def pg_tool(cfg, name, version_num, newer_ok=False):
+    """Path of server tool ``name`` (pg_ctl, pg_verifybackup) of the backup's major version (or, with
+    ``newer_ok``, a later one): next to the client tools, else in /usr/lib/postgresql/<major>/bin, else on
+    PATH. Raises RestoreError."""
+    label = postgres.version_label(postgres.major_of(version_num)).rsplit(".", 1)[0] \
+        if version_num < 100000 else str(version_num // 10000)
+    candidates = []
+    try:
+        candidates.append(postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR))
+    except postgres.PostgresError:
+        pass
+    candidates.append("/usr/lib/postgresql/%s/bin" % label)
+    found = shutil.which(name)
+    if found:
+        candidates.append(os.path.dirname(found))
+    seen = []
+    for directory in candidates:
+        path = os.path.join(directory, name)
+        if not os.access(path, os.X_OK) or path in seen:
+            continue
+        seen.append(path)
+        try:
+            out = subprocess_utils.run([path, "--version"], subprocess_utils.base_env(), timeout=30,
+                                       what="%s --version" % name).stdout
+            found_major, wanted = postgres.major_of(postgres.parse_version_num(out)), postgres.major_of(version_num)
+            if found_major == wanted or (newer_ok and found_major > wanted):
+                return path
+        except (subprocess_utils.CommandError, postgres.PostgresError):
+            continue
+    raise RestoreError("%s of PostgreSQL %s not found (looked in %s): install that version's server tools "
+                       "or set PG_BIN_DIR" % (name, label, ", ".join(candidates)))
+
+
+def data_dir_version(data_dir):
+    """server_version_num-style major of a data directory from its PG_VERSION ('9.4' -> 90400, '15' ->
+    150000). Raises RestoreError."""
+    try:
+        with open(os.path.join(data_dir, "PG_VERSION")) as handle:
+            parts = handle.read().strip().split(".")
+        return int(parts[0]) * 10000 + (int(parts[1]) * 100 if len(parts) > 1 else 0)
+    except (OSError, ValueError) as exc:
+        raise RestoreError("cannot read %s/PG_VERSION: %s" % (data_dir, exc))
+
+
+def base_files(base):
+    """(base tar, WAL tar or None) of a base backup directory. Raises RestoreError for tablespace tars."""
+    names = sorted(os.listdir(base.path))
+    base_tar = [n for n in names if n.startswith("base.tar")]
+    wal_tar = [n for n in names if n.startswith("pg_wal.tar")]
+    others = [n for n in names if ".tar" in n and n not in base_tar + wal_tar]
+    if not base_tar:
+        raise RestoreError("%s holds no base.tar*: not a usable base backup" % base.path)
+    if others:
+        raise RestoreError("%s has tablespace archives (%s): restore them by hand, see RESTORE.md"
+                           % (base.path, ", ".join(others)))
+    return os.path.join(base.path, base_tar[0]), os.path.join(base.path, wal_tar[0]) if wal_tar else None
+
+
+def space_needed(base):
+    """Bytes a restored data directory of ``base`` needs (manifest sizes, else the database size + 20 %)."""
+    manifest = os.path.join(base.path, "backup_manifest")
+    wal_bytes = 64 * 1024 * 1024
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as handle:
+                return sum(f.get("Size", 0) for f in json.load(handle).get("Files", [])) + wal_bytes
+        except (OSError, ValueError):
+            pass
+    return int((base.info.get("database_size_bytes") or 0) * 1.2) + wal_bytes
+
+
+def check_free_space(path, needed, what):
+    """Raise Refused when the file system of ``path`` (or its nearest existing parent) has less than
+    ``needed`` bytes free."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise Refused("not enough free space for %s in %s: need about %d MB, %d MB free"
+                      % (what, probe, needed // 2**20, free // 2**20))
+
+
+def prepare_dir(path):
+    """Create ``path`` (0700) or accept it when it is an empty directory. Raises Refused."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise Refused("%s exists and is not a directory" % path)
+        if os.listdir(path):
+            raise Refused("%s is not empty: restore into an empty or new directory (nothing was changed)" % path)
+    else:
+        os.makedirs(path, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def extract(base, dest, log):
+    """Extract ``base`` (base.tar and its WAL) into the empty ``dest``. Returns a list of warnings.
+
+    Removes postmaster.pid/.opts, comments out settings that point at the original's files, and creates
+    an empty postgresql.conf when the backup has none. Raises RestoreError."""
+    version = base.info.get("server_version_num") or 0
+    base_tar, wal_tar = base_files(base)
+    warnings = []
+    try:
+        log.info("extracting %s into %s", base_tar, dest)
+        tar_io.extract(base_tar, dest)
+        wal_dir = os.path.join(dest, restore_settings.wal_dir_name(version))
+        if not os.path.isdir(wal_dir):
+            os.mkdir(wal_dir, 0o700)
+        if wal_tar:
+            log.info("extracting %s into %s", wal_tar, wal_dir)
+            tar_io.extract(wal_tar, wal_dir)
+    except tar_io.TarError as exc:
+        raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
+    os.chmod(dest, 0o700)
+    if not os.path.isfile(os.path.join(dest, "backup_label")):
+        raise RestoreError("%s has no backup_label: recovery would start from the wrong checkpoint" % base_tar)
+    for stale in ("postmaster.pid", "postmaster.opts", "standby.signal"):
+        if os.path.lexists(os.path.join(dest, stale)):
+            os.unlink(os.path.join(dest, stale))
+            if stale == "standby.signal":  # a standby's backup: it would wait for a primary, never promote
+                warnings.append("removed standby.signal from the restored copy (the backup was taken on a standby)")
+    conf = os.path.join(dest, "postgresql.conf")
+    if os.path.isfile(conf):
+        with open(conf, encoding="utf-8", errors="surrogateescape") as handle:
+            text, names = restore_settings.neutralize_path_settings(handle.read())
+        if names:
+            warnings.append("commented out %s in the restored postgresql.conf: they pointed at the original "
+                            "server's files" % ", ".join(names))
+            _write(conf, text, append=False)
+    else:
+        warnings.append("the backup holds no postgresql.conf (the server keeps it outside its data directory): "
+                        "an empty one was written; copy the original settings into %s if needed" % conf)
+        _write(conf, "# restore.py: the backup held no postgresql.conf\n", append=False)
+    return warnings
+
+
+def verify_manifest(cfg, base, dest, log):
+    """Run pg_verifybackup (13+) on the freshly extracted ``dest`` when the backup has a manifest.
+
+    Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
+    manifest = os.path.join(base.path, "backup_manifest")
+    if not os.path.isfile(manifest) or (base.info.get("server_version_num") or 0) < 130000:
+        return None
+    try:
+        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], newer_ok=True)
+    except RestoreError as exc:
+        log.warning("%s; the manifest is not checked", exc)
+        return None
+    try:
+        subprocess_utils.run([tool, "--quiet", "-m", manifest, dest], subprocess_utils.base_env(), timeout=3600,
+                             what="pg_verifybackup", log=log)
+    except subprocess_utils.CommandError as exc:
+        raise RestoreError("the restored files do not match the backup's manifest: %s" % exc)
+    return "pg_verifybackup: the restored files match backup_manifest"
+
+
+def _write(path, text, append):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o600)
+    with os.fdopen(fd, "a" if append else "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(text)
+
+
+def write_recovery(dest, files):
+    """Write restore_settings.RecoveryFiles into the data directory ``dest``."""
+    if files.recovery_conf is not None:
+        _write(os.path.join(dest, "recovery.conf"), files.recovery_conf, append=False)
+    if files.signal_file:
+        _write(os.path.join(dest, files.signal_file), "", append=False)
+    if files.auto_conf_block:
+        auto = os.path.join(dest, "postgresql.auto.conf")
+        prefix = ""
+        if os.path.isfile(auto) and os.path.getsize(auto):
+            with open(auto, "rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                prefix = "" if handle.read(1) == b"\n" else "\n"
+        _write(auto, prefix + files.auto_conf_block, append=True)
+
+
+def restore_database(cfg, plan, dest, log, timeline="latest", owner=None, **auto_kwargs):
+    """Extract ``plan.base`` into ``dest`` and write its recovery settings (``auto_kwargs``: keep_archiving,
+    port, socket_dir, listen, logging_collector). Returns {'warnings', 'notes', 'extract_s'}.
+    ``owner``: (uid, gid) to give the tree to (root only). Raises RestoreError, PlanError."""
+    base = plan.base
+    version = base.info.get("server_version_num")
+    if not version:
+        raise RestoreError("backup %s has no server_version_num in its metadata" % base.name)
+    note = "backup %s, target %s" % (base.name, restore_plan.describe_target(plan.target))
+    files = restore_settings.recovery_files(version, restore_command(cfg), plan.target, note, timeline, **auto_kwargs)
+    check_free_space(dest, space_needed(base), "the restored data directory")
+    prepare_dir(dest)
+    started = time.monotonic()
+    warnings = extract(base, dest, log)
+    notes = [n for n in [verify_manifest(cfg, base, dest, log)] if n]
+    write_recovery(dest, files)
+    if owner is not None:
+        for root, dirs, names in os.walk(dest):
+            for name in dirs + names:
+                os.lchown(os.path.join(root, name), owner[0], owner[1])
+        os.lchown(dest, owner[0], owner[1])
+    return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}
