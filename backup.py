@@ -21,6 +21,7 @@ import email_alert
 import lock
 import runner
 import status
+import subprocess_utils
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_CODES = {
@@ -152,8 +153,15 @@ def main(argv=None):
     except OSError as exc:
         return config_error_exit(config.ConfigError([("BACKUP_DIR", "cannot take the lock: %s" % exc)]),
                                  env_path)
+    # Commands inherit the lock: one that outlives a killed run keeps the next run out until it ends.
+    subprocess_utils.pass_to_children(backup_lock.fileno())
     try:
-        log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())
+        try:
+            log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())
+        except OSError as exc:
+            return config_error_exit(config.ConfigError([("BACKUP_DIR", "cannot write the log file %s: %s; it "
+                                                          "must belong to the user that runs the backups (chown)"
+                                                          % (exc.filename, exc.strerror))], env_path), env_path)
         for key, message in cfg.warnings:
             LOG.warning("%s: %s", key, message)
         return run_backup(cfg, log_path)

@@ -12,11 +12,11 @@ import stat
 import sys
 
 # (name, type, default, required, description, secret)
-# Types: str, int, bool, path (absolute), choice:a|b, emails (comma-separated list), compression.
+# Types: str, int, port, bool, path (absolute), choice:a|b, emails (comma-separated list), compression.
 OPTIONS = [
     ("PGHOST", "str", "localhost", False,
      "PostgreSQL host name, or the Unix socket directory (e.g. /tmp or the bundle's socket dir)", False),
-    ("PGPORT", "int", "5432", False, "PostgreSQL port", False),
+    ("PGPORT", "port", "5432", False, "PostgreSQL port", False),
     ("PGUSER", "str", None, True, "Database role used for backups; needs REPLICATION (or superuser)", False),
     ("PGPASSWORD", "str", "", False, "Password of PGUSER (empty: use ~/.pgpass or peer authentication)", True),
     ("PGDATABASE", "str", "alfresco", False, "Alfresco's database, used for checks and restore drills", False),
@@ -57,7 +57,7 @@ OPTIONS = [
     ("BACKUP_MAX_AGE_HOURS", "int", "26", False,
      "--status is CRITICAL when the newest complete backup is older than this", False),
     ("SMTP_HOST", "str", "", False, "Mail server for alerts; empty: no e-mail (a warning is logged)", False),
-    ("SMTP_PORT", "int", "587", False, "Mail server port", False),
+    ("SMTP_PORT", "port", "587", False, "Mail server port", False),
     ("SMTP_SECURITY", "choice:starttls|ssl|none", "starttls", False,
      "starttls (port 587), ssl (port 465) or none; certificates are verified", False),
     ("SMTP_USER", "str", "", False, "Mail login; empty: send without logging in", False),
@@ -119,6 +119,11 @@ def _convert(name, kind, raw, problems):
             problems.append((name, "must be a single line"))
             return None
         return raw
+    if kind == "port":
+        if not re.match(r"^[0-9]+$", raw) or not 1 <= int(raw) <= 65535:
+            problems.append((name, "must be a port number from 1 to 65535, got %r" % raw))
+            return None
+        return int(raw)
     if kind == "int":
         if not re.match(r"^[0-9]+$", raw):
             problems.append((name, "must be a whole number >= 0, got %r" % raw))

@@ -8,6 +8,7 @@ still holds the old one. The kernel releases the lock when the holder dies, howe
 import errno
 import fcntl
 import os
+import time
 
 LOCK_NAME = "backup.lock"
 
@@ -56,7 +57,7 @@ class BackupLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockHeld(self.path, read_holder(self.path))
+                raise LockHeld(self.path, read_holder(self.path, wait=1.0))
             raise
         os.ftruncate(fd, 0)
         os.write(fd, ("%d\n" % os.getpid()).encode())
@@ -72,6 +73,10 @@ class BackupLock:
             os.close(self._fd)
             self._fd = None
 
+    def fileno(self):
+        """The locked file descriptor (None when not held)."""
+        return self._fd
+
     @property
     def held(self):
         return self._fd is not None
@@ -83,14 +88,21 @@ class BackupLock:
         self.release()
 
 
-def read_holder(path):
-    """The PID written in the lock file, or None."""
-    try:
-        with open(path) as handle:
-            text = handle.read().strip()
-        return int(text) if text.isdigit() else None
-    except OSError:
-        return None
+def read_holder(path, wait=0.0):
+    """The PID written in the lock file, or None. ``wait``: seconds to wait for it, since the holder writes
+    its PID just after taking the lock."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+            if text.isdigit():
+                return int(text)
+        except OSError:
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def is_locked(directory):

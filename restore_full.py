@@ -233,7 +233,8 @@ def run_full(plan, log, timeline="latest", stop_timeout=300, start_timeout=600, 
         plan.db.base.name, plan.snapshot.name, plan.stamp)]
     try:
         subprocess_utils.run([plan.alfresco_sh, "start", "postgresql"], subprocess_utils.base_env(),
-                             timeout=start_timeout, ok_codes=ALL_CODES, what="alfresco.sh start postgresql", log=log)
+                             timeout=start_timeout, ok_codes=ALL_CODES, what="alfresco.sh start postgresql", log=log,
+                             daemon=True)
         seconds = restore_server.wait_promoted([cfg], cfg.pgdata, recovery_timeout, pg_log, offset)
         report.append("PostgreSQL recovered in %.1f s" % seconds)
         reached, line = restore_settings.recovery_outcome(restore_server.read_from(pg_log, offset))
@@ -255,7 +256,7 @@ def run_full(plan, log, timeline="latest", stop_timeout=300, start_timeout=600, 
         return False, report + ["FAILED: %s" % p for p in problems] + ["Alfresco was not started."], rollback
     out_offset = restore_server.file_size(os.path.join(cfg.ALF_BASE_DIR, "tomcat", "logs", "catalina.out"))
     subprocess_utils.run([plan.alfresco_sh, "start"], subprocess_utils.base_env(), timeout=start_timeout,
-                         ok_codes=ALL_CODES, what="alfresco.sh start", log=log)
+                         ok_codes=ALL_CODES, what="alfresco.sh start", log=log, daemon=True)
     if wait_for_tomcat(cfg, out_offset, start_timeout):
         report.append("Alfresco started ('Server startup in' seen in tomcat/logs/catalina.out)")
     else:

@@ -120,9 +120,15 @@ class Server:
         if os.geteuid() == 0:
             raise RestoreError("PostgreSQL refuses to run as root: run restore.py as the OS user that owns "
                                "the restored directory")
+        for path in (self.data_dir, self.log_file):
+            # pg_ctl hands both paths to /bin/sh inside double quotes, where $( ), ` and \ still act.
+            if restore_settings.SHELL_UNSAFE.search(path):
+                raise RestoreError("refusing to start PostgreSQL on %r: pg_ctl passes it through /bin/sh, and it "
+                                   "holds a quote, $, backquote or backslash. Restore to a plain path (--to, or "
+                                   "VERIFY_SCRATCH_DIR for the drill; BACKUP_DIR is the default)" % path)
         try:
             subprocess_utils.run([self.pg_ctl, "-D", self.data_dir, "-l", self.log_file, "-W", "start"], self.env,
-                                 timeout=120, what="pg_ctl start", log=self.log)
+                                 timeout=120, what="pg_ctl start", log=self.log, daemon=True)
         except subprocess_utils.CommandError as exc:
             raise RestoreError("%s\nlog %s:\n%s" % (exc, self.log_file, self.log_tail()))
 

@@ -20,7 +20,7 @@ BLOCK_BEGIN = "# ---- begin restore.py"
 BLOCK_END = "# ---- end restore.py ----"
 # Settings that point a copy of the data directory back at the original's files.
 PATH_SETTINGS = ("data_directory", "hba_file", "ident_file", "external_pid_file")
-_SHELL_UNSAFE = re.compile(r'["$`\\\n\r\x00]')
+SHELL_UNSAFE = re.compile(r'["$`\\\n\r\x00]')
 
 
 def conf_quote(value):
@@ -33,7 +33,7 @@ def restore_command(python, wal_py, archive_dir):
 
     Raises PlanError for a path the shell would expand inside double quotes."""
     for path in (python, wal_py, archive_dir):
-        if _SHELL_UNSAFE.search(path):
+        if SHELL_UNSAFE.search(path):
             raise PlanError("path %r contains a character (\" $ ` \\ or newline) that cannot be quoted safely in "
                             "restore_command: move or rename it" % path)
     parts = ['"%s"' % p.replace("%", "%%") for p in (python, wal_py)]

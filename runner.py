@@ -82,7 +82,9 @@ class Night:
             stage.status, stage.detail = result if result else (OK, stage.detail)
         except EXPECTED_ERRORS as exc:
             stage.status, stage.error = FAILED, "%s: %s" % (doing, exc)
-            stage.tool_output = getattr(exc, "stderr_tail", "") or ""
+            # Module errors wrap the CommandError that has the tool's output; it is their cause/context.
+            stage.tool_output = next((getattr(e, "stderr_tail", "") for e in (exc, exc.__cause__, exc.__context__)
+                                      if getattr(e, "stderr_tail", "")), "")
             self.log.error("%s FAILED while %s: %s", name, doing, exc)
         except Exception as exc:
             stage.status, stage.error = FAILED, "%s: unexpected %s: %s" % (doing, type(exc).__name__, exc)
@@ -104,7 +106,7 @@ class Night:
         space_stage = self.stage("space", "checking free space in %s" % cfg.BACKUP_DIR, self._check_space)
         if space_stage.status == FAILED:
             for name in ("postgres", "contentstore", "config"):
-                self.skip(name, "not enough free space: nothing copied tonight")
+                self.skip(name, "the space check failed: nothing copied tonight")
         else:
             self.stage("postgres", "taking the PostgreSQL base backup", self._base_backup)
             self.stage("contentstore", "snapshotting the contentstore %s" % cfg.contentstore_dir, self._snapshot)
@@ -162,9 +164,15 @@ class Night:
                 conn.close()
         except postgres.PostgresError:
             self.server = None  # the postgres stage reports it; the contentstore still gets its check
-        need = space.check(self.cfg.BACKUP_DIR, self.cfg.wal_archive_dir, self.cfg.contentstore_dir,
-                           self.server["cluster_size"] if self.server else 0,
-                           self.server["wal_segment_size"] if self.server else 16 << 20, self.log)
+        try:
+            need = space.check(self.cfg.BACKUP_DIR, self.cfg.wal_archive_dir, self.cfg.contentstore_dir,
+                               self.server["cluster_size"] if self.server else 0,
+                               self.server["wal_segment_size"] if self.server else 16 << 20, self.log)
+        except space.SpaceError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            # Only a proven lack of space may stop the copies; an estimate we cannot make must not.
+            return WARN, "could not estimate the space needed (%s: %s); copying anyway" % (type(exc).__name__, exc)
         stage.size = need["database"] + need["contentstore"]
         stage.detail = "estimated need: database ~%s, contentstore ~%s" % (
             catalog.human_size(need["database"]), catalog.human_size(need["contentstore"]))

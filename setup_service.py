@@ -46,7 +46,8 @@ class Alfresco:
         user = self.script_user()
         try:
             result = setup_sys.run_as(user, [self.script] + list(args), timeout=timeout, ok_codes=range(256),
-                                      what="alfresco.sh %s" % " ".join(args), cwd=self.base)
+                                      what="alfresco.sh %s" % " ".join(args), cwd=self.base,
+                                      daemon=args[0] in ("start", "restart"))
             return result.returncode, (result.stdout + result.stderr).strip()[-500:]
         except subprocess_utils.CommandError as exc:
             return None, str(exc)

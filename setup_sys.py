@@ -100,10 +100,12 @@ def as_user(user, argv):
     return [SETPRIV, "--reuid=%d" % user.uid, "--regid=%d" % user.gid, "--init-groups", "--"] + list(argv)
 
 
-def run_as(user, argv, timeout=120, extra_env=None, secrets=(), ok_codes=(0,), stdin=None, what=None, cwd="/"):
-    """subprocess_utils.run of ``argv`` as ``user``. Returns the CommandResult; raises CommandError."""
+def run_as(user, argv, timeout=120, extra_env=None, secrets=(), ok_codes=(0,), stdin=None, what=None, cwd="/",
+           daemon=False):
+    """subprocess_utils.run of ``argv`` as ``user`` (``daemon``: it leaves a server running, see
+    subprocess_utils.run). Returns the CommandResult; raises CommandError."""
     return subprocess_utils.run(as_user(user, argv), user_env(user, extra_env), timeout=timeout, secrets=secrets,
-                                ok_codes=ok_codes, cwd=cwd, what=what,
+                                ok_codes=ok_codes, cwd=cwd, what=what, daemon=daemon,
                                 stdin_data=stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
 
 

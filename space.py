@@ -27,6 +27,14 @@ class SpaceError(Exception):
     """Not enough free space; the message has the numbers and what to do."""
 
 
+def _int(value):
+    """A byte or file count from metadata; 0 for anything that is not a number (a damaged .json)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def estimate(cluster_bytes, bases, snapshots, store_bytes=None, partial_bytes=0, wal_segment_size=16 << 20,
              recent_bytes=0):
     """What tonight's run needs, in bytes (pure).
@@ -36,17 +44,17 @@ def estimate(cluster_bytes, bases, snapshots, store_bytes=None, partial_bytes=0,
     contentstore's date buckets since the last snapshot hold (:func:`recent_bytes`). Returns
     {'database': n, 'contentstore': n, 'wal': n, 'why_database': str, 'why_contentstore': str}.
     """
-    if bases and bases[-1].get("size_bytes"):
-        database = int(bases[-1]["size_bytes"] * GROWTH_DB)
-        why_db = "last base backup %s + 25%%" % human(bases[-1]["size_bytes"])
+    if bases and _int(bases[-1].get("size_bytes")):
+        database = int(_int(bases[-1]["size_bytes"]) * GROWTH_DB)
+        why_db = "last base backup %s + 25%%" % human(_int(bases[-1]["size_bytes"]))
     else:
         database = int(cluster_bytes or 0)
         why_db = "first base backup: the cluster's size %s" % human(cluster_bytes or 0)
     if snapshots:
         # First copies (no link base) copy everything: they say nothing about a night's growth.
         nightly = [s for s in snapshots if s.get("link_dest")][-HISTORY:]
-        growth = max([int(s.get("bytes_copied") or 0) for s in nightly] + [int(recent_bytes or 0)])
-        files = int(snapshots[-1].get("files") or 0)
+        growth = max([_int(s.get("bytes_copied")) for s in nightly] + [_int(recent_bytes)])
+        files = _int(snapshots[-1].get("files"))
         content = int(growth * GROWTH_CONTENT) + files * DIR_BYTES_PER_FILE
         why_content = "new content ~%s (the larger of the last %d nights' growth and what today's date " \
                       "buckets hold) + 50%%, plus directory blocks" % (human(growth), len(nightly))

@@ -1,7 +1,7 @@
 """The one place where this project runs external commands.
 
 Every command goes through :func:`run`: an argv list (never a shell), an explicit environment, a
-timeout that kills the command's whole process group, the command line logged with secrets masked,
+timeout that kills the command's whole process tree, the command line logged with secrets masked,
 output streamed line by line to the log, and one exception type, :class:`CommandError`, that carries
 the exit code and the tail of stderr.
 """
@@ -83,17 +83,22 @@ def _pump(stream, sink, log, level, prefix, secrets):
     stream.close()
 
 
-_REASON_WORDS = ("error", "fatal", "no space", "denied", "could not", "cannot", "failed")
+# Most specific first: rsync ends with a generic "rsync error: ... (see previous errors) (code 23)" after
+# the line that names the file.
+_REASON_WORDS = (("no space", "denied", "failed to", "could not", "cannot", "fatal", "not found"),
+                 ("error", "failed"))
 
 
 def reason_line(stderr):
-    """The most telling line of a tool's stderr: the last one that reads like an error, else the last."""
+    """The most telling line of a tool's stderr: the last one naming a specific failure, else the last
+    one that reads like an error, else the last line."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
     if not lines:
         return "no error output"
-    for line in reversed(lines):
-        if any(word in line.lower() for word in _REASON_WORDS):
-            return line
+    for words in _REASON_WORDS:
+        for line in reversed(lines):
+            if any(word in line.lower() for word in words):
+                return line
     return lines[-1]
 
 
@@ -105,28 +110,77 @@ def _feed(stream, data):
         pass
 
 
-def _kill_group(proc):
-    """SIGTERM the process group, then SIGKILL it if it has not gone within 5 seconds."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def _descendants(pid):
+    """PIDs of every process below ``pid`` (children, grandchildren...), from /proc. Linux only."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+            with open("/proc/%s/stat" % entry, "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc):
+    """SIGTERM the command and everything it started, then SIGKILL what is left after 5 seconds.
+
+    Children stay in our process group (no new session), so that a kill of the whole run -- a reboot, an
+    admin's ``kill -9 -PGID`` -- takes them along; a timeout therefore kills by tree, not by group.
+    """
+    targets = []
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        # Once the command is dead its children belong to init: remember every one seen so far.
+        targets += [pid for pid in [proc.pid] + _descendants(proc.pid) if pid not in targets]
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
             proc.wait(timeout=grace)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if not any(_alive(pid) for pid in targets[1:]):
+            return
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+_INHERITED_FDS = []
+
+
+def pass_to_children(fd):
+    """Let every command started from now on inherit ``fd`` (the backup lock): while any of them outlives
+    a killed run, the lock stays held and the next run is refused instead of racing it."""
+    _INHERITED_FDS.append(fd)
 
 
 def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, stdout_level=logging.INFO,
-        stdin_data=None, what=None):
+        stdin_data=None, what=None, daemon=False):
     """Run ``argv`` and wait for it.
 
     Inputs: ``argv`` list of strings; ``env`` the complete environment (build it with :func:`base_env`);
     ``timeout`` seconds or None/0 for none; ``secrets`` strings masked wherever the command or its
     output is logged; ``ok_codes`` exit codes that count as success; ``stdin_data`` bytes fed to stdin.
-    ``what`` a short phrase ("taking the base backup") used in error messages.
+    ``what`` a short phrase ("taking the base backup") used in error messages. ``daemon``: the command
+    leaves a server running (pg_ctl start, alfresco.sh start): it gets its own session, so neither a hang-up
+    of the admin's terminal nor a kill of our process group reaches the server, and it does not inherit
+    the backup lock.
     Output: a :class:`CommandResult` (stdout/stderr also kept in memory; do not use for huge output).
     Raises :class:`CommandError` when the program is missing, times out or exits with a code not in
     ``ok_codes``.
@@ -140,7 +194,8 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
     try:
         proc = subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=() if daemon else tuple(_INHERITED_FDS),
+            start_new_session=daemon)
     except FileNotFoundError:
         raise CommandError("%s: program not found: %s" % (label, argv[0]), shown, not_found=True)
     except PermissionError as exc:
@@ -164,11 +219,11 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
         proc.wait(timeout=timeout or None)
     except subprocess.TimeoutExpired:
         timed_out = True
-        log.error("%s: still running after %s s, stopping its whole process group", label, timeout)
-        _kill_group(proc)
+        log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
+        _kill_tree(proc)
     except BaseException:
         # Interrupted (Ctrl-C, our own SIGTERM handler): never leave the child running behind us.
-        _kill_group(proc)
+        _kill_tree(proc)
         raise
     for thread in pumps:
         thread.join(timeout=10)
@@ -197,7 +252,7 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
     log.info("running: %s", shown)
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE, pass_fds=tuple(_INHERITED_FDS))
     except (FileNotFoundError, PermissionError) as exc:
         raise CommandError("%s: cannot run %s: %s" % (label, argv[0], exc), shown, not_found=True)
     err_lines = deque(maxlen=STDERR_TAIL_LINES)
@@ -209,8 +264,8 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
 
     def on_timeout():
         fired.append(True)
-        log.error("%s: still running after %s s, stopping its whole process group", label, timeout)
-        _kill_group(proc)
+        log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
+        _kill_tree(proc)
 
     timer = threading.Timer(timeout, on_timeout) if timeout else None
     if timer:
@@ -219,7 +274,7 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
         result = consume(proc.stdout)
         proc.stdout.read()  # drain, so the producer is not killed by SIGPIPE after a short consumer
     except BaseException:
-        _kill_group(proc)
+        _kill_tree(proc)
         if fired:  # the consumer only failed because the timeout cut its input
             raise CommandError("%s: timed out after %s s" % (label, timeout), shown, None, timed_out=True)
         raise

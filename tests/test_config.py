@@ -376,7 +376,8 @@ def test_markdown_table_has_one_well_formed_row_per_option():
 def test_option_table_is_consistent():
     assert len(set(config.OPTION_NAMES)) == len(config.OPTION_NAMES)
     for name, kind, default, required, description, _secret in config.OPTIONS:
-        assert kind in ("str", "int", "bool", "path", "emails", "compression") or kind.startswith("choice:"), name
+        kinds = ("str", "int", "port", "bool", "path", "emails", "compression")
+        assert kind in kinds or kind.startswith("choice:"), name
         assert description
         assert not (required and default), name
         if default:
