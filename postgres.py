@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 
 import catalog
@@ -206,15 +207,17 @@ def verify_manifest(path, base_members):
             "timeline": ranges[-1]["Timeline"]}
 
 
-def check_backup_dir(directory, wal_method, server_num):
+def check_backup_dir(directory, wal_method, server_num, base_scan=None):
     """Check a finished pg_basebackup output directory. Returns facts for the metadata:
-    backup_label fields, files {name: size}, and the manifest's WAL range. Raises PostgresError."""
+    backup_label fields, files {name: size}, and the manifest's WAL range. ``base_scan``: base.tar's
+    (sizes, contents) already read to its end while it was written, see :func:`_run_and_scan`.
+    Raises PostgresError."""
     files = {n: os.path.getsize(os.path.join(directory, n)) for n in sorted(os.listdir(directory))}
     base = [n for n in files if n.startswith("base.tar")]
     if not base:
         raise PostgresError("pg_basebackup wrote no base.tar* in %s" % directory)
     try:
-        members, contents = tar_io.scan(os.path.join(directory, base[0]), ("backup_label",))
+        members, contents = base_scan or tar_io.scan(os.path.join(directory, base[0]), ("backup_label",))
         if "backup_label" not in contents:
             raise PostgresError("%s has no backup_label: not a usable base backup" % base[0])
         facts = parse_backup_label(contents["backup_label"].decode("utf-8", "replace"))
@@ -272,7 +275,7 @@ def take_base_backup(cfg, server, dest_root, name, log):
     try:
         for fallback in _compression_fallbacks(plan) + [None]:
             try:
-                result = _run_basebackup(tool, partial, plan, env, cfg)
+                result, base_scan = _run_and_scan(tool, partial, plan, env, cfg, log)
                 break
             except subprocess_utils.CommandError as exc:
                 if fallback is None or not unsupported_compression(exc.stderr_tail):
@@ -284,7 +287,7 @@ def take_base_backup(cfg, server, dest_root, name, log):
                 os.mkdir(partial, 0o700)
                 plan = basebackup_plan(client_num, server["version_num"], fallback, "alfresco-backup %s" % name)
         compress_wal_tar(partial, plan.compression, plan.level, log)
-        facts = check_backup_dir(partial, plan.wal_method, server["version_num"])
+        facts = check_backup_dir(partial, plan.wal_method, server["version_num"], base_scan)
     except subprocess_utils.CommandError as exc:
         _remove(partial, log)
         if "no space left on device" in exc.stderr_tail.lower():
@@ -335,6 +338,36 @@ def _compression_fallbacks(plan):
     level = ":%d" % plan.level if plan.level is not None else ""
     fallbacks = ["client-%s%s" % (plan.compression, level)] if plan.location == "server" else []
     return fallbacks + (["client-gzip"] if plan.compression != "gzip" else [])
+
+
+def _run_and_scan(tool, partial, plan, env, cfg, log):
+    """Run pg_basebackup and, at the same time, read base.tar.* as it grows: the check that it reads to
+    its end then costs little more than the copy. Returns (CommandResult, base_scan or None); None when the
+    scan could not follow the file, and base.tar is then read again afterwards. Raises CommandError."""
+    finished = threading.Event()
+    outcome = {}
+
+    def backup():
+        try:
+            outcome["result"] = _run_basebackup(tool, partial, plan, env, cfg)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=backup, name="pg_basebackup")
+    worker.start()
+    base_scan = None
+    try:
+        base_scan = tar_io.scan_while_written(os.path.join(partial, "base.tar" + plan.extension),
+                                              ("backup_label",), finished)
+    except tar_io.TarError as exc:
+        log.info("reading base.tar while it was written failed (%s); it is read again afterwards", exc)
+    finally:
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], base_scan
 
 
 def _run_basebackup(tool, partial, plan, env, cfg):

@@ -102,6 +102,22 @@ def reason_line(stderr):
     return lines[-1]
 
 
+def _copy_into(source, stream):
+    try:
+        while True:
+            chunk = source.read(1 << 20)
+            if not chunk:
+                break
+            stream.write(chunk)
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
 def _feed(stream, data):
     try:
         stream.write(data)
@@ -238,8 +254,10 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
     return CommandResult(shown, proc.returncode, "\n".join(out_lines), "\n".join(err_lines), duration)
 
 
-def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=None):
-    """Run ``argv`` and hand its stdout (a binary file object) to ``consume(stream)``.
+def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=None, feed=None):
+    """Run ``argv`` and hand its stdout (a binary file object) to ``consume(stream)``. ``feed``: a binary
+    file object copied to the command's stdin from a thread (e.g. ``zstd -dc -`` reading a file still being
+    written).
 
     For output too big to keep in memory (e.g. ``zstd -dc base.tar.zst`` read by tarfile). stderr is
     logged. Returns what ``consume`` returned. Raises CommandError on a non-zero exit or timeout; an
@@ -251,7 +269,8 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
     label = what or os.path.basename(argv[0])
     log.info("running: %s", shown)
     try:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, pass_fds=tuple(_INHERITED_FDS))
     except (FileNotFoundError, PermissionError) as exc:
         raise CommandError("%s: cannot run %s: %s" % (label, argv[0], exc), shown, not_found=True)
@@ -260,6 +279,10 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
                                                 os.path.basename(argv[0]) + ": ", secrets))
     pump.daemon = True
     pump.start()
+    if feed is not None:
+        feeder = threading.Thread(target=_copy_into, args=(feed, proc.stdin))
+        feeder.daemon = True
+        feeder.start()
     fired = []
 
     def on_timeout():

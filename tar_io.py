@@ -5,8 +5,10 @@
 """
 
 import gzip
+import io
 import os
 import tarfile
+import time
 
 import subprocess_utils
 
@@ -19,6 +21,31 @@ class TarError(Exception):
     """A tar file is unreadable, truncated or lacks something it must hold."""
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Remembers why the archive ended: tarfile treats a file cut right after a member like a proper end,
+    and only the end-of-archive marker (a block of zeros) tells them apart."""
+
+    ends = []
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) == 0:
+            cls.ends.append("cut")
+        elif buf.count(tarfile.NUL) == tarfile.BLOCKSIZE:
+            cls.ends.append("marker")
+        return super().frombuf(buf, encoding, errors)
+
+
+def _members(stream, visit, path):
+    """Iterate a tar stream, calling ``visit``; raise TarError when it lacks its end-of-archive marker."""
+    tarinfo = type("TarInfoFor", (_CheckedTarInfo,), {"ends": []})
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=BUFSIZE, tarinfo=tarinfo) as archive:
+        for member in archive:
+            visit(member, archive)
+    if tarinfo.ends[-1:] != ["marker"]:
+        raise TarError("%s ends without the tar end-of-archive marker: it is truncated" % path)
+
+
 def compression_of(path):
     """'gzip', 'zstd', 'lz4' or 'none', from the file name."""
     for method, ext in EXTENSIONS.items():
@@ -29,31 +56,97 @@ def compression_of(path):
     raise TarError("not a tar file name: %s" % path)
 
 
-def walk(path, visit, env=None):
+def walk(path, visit, source=None):
     """Read every member of the tar file ``path`` in order and call ``visit(tarinfo, tarfile)``.
 
     ``visit`` may call ``tarfile.extractfile(tarinfo)`` for regular files. Reading to the end proves the
-    file is complete (a truncated gzip/zstd stream or tar raises). Raises TarError.
+    file is complete (a truncated gzip/zstd stream or tar raises). ``source``: a binary file object to read
+    the (compressed) bytes from instead of opening ``path``, e.g. a :class:`GrowingFile`. Raises TarError.
     """
     ext = os.path.splitext(path)[1]
     try:
         if ext in DECOMPRESSORS:
             def consume(stream):
-                with tarfile.open(fileobj=stream, mode="r|", bufsize=BUFSIZE) as archive:
-                    for member in archive:
-                        visit(member, archive)
+                _members(stream, visit, path)
 
-            subprocess_utils.read_stream(DECOMPRESSORS[ext] + [path], subprocess_utils.base_env(), consume,
+            argv = DECOMPRESSORS[ext] + (["-"] if source is not None else [path])
+            subprocess_utils.read_stream(argv, subprocess_utils.base_env(), consume, feed=source,
                                          what="reading %s" % os.path.basename(path))
         else:
-            # gzip.open, not tarfile's "r|gz": pg_basebackup's pg_wal.tar.gz has several gzip members,
-            # and tarfile's own stream reader stops after the first (an empty one).
-            with (gzip.open(path, "rb") if ext == ".gz" else open(path, "rb")) as raw, \
-                    tarfile.open(fileobj=raw, mode="r|", bufsize=BUFSIZE) as archive:
-                for member in archive:
-                    visit(member, archive)
+            raw = source if source is not None else open(path, "rb")
+            try:
+                # gzip.GzipFile, not tarfile's "r|gz": pg_basebackup's pg_wal.tar.gz has several gzip
+                # members, and tarfile's own stream reader stops after the first (an empty one).
+                stream = gzip.GzipFile(fileobj=raw, mode="rb") if ext == ".gz" else raw
+                _members(stream, visit, path)
+            finally:
+                if source is None:  # ours to close; a caller's source stays open for the caller
+                    raw.close()
     except (tarfile.TarError, EOFError, OSError, subprocess_utils.CommandError) as exc:
         raise TarError("%s is unreadable or truncated: %s" % (path, exc))
+
+
+class GrowingFile(io.RawIOBase):
+    """A file another process is still writing, read as a stream: a read waits for more data until
+    ``finished`` (a threading.Event) is set, and only then returns end-of-file. ``bytes_read`` counts."""
+
+    def __init__(self, path, finished, poll=0.05):
+        super().__init__()
+        self._file = open(path, "rb")
+        self._finished = finished
+        self._poll = poll
+        self.bytes_read = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while True:
+            done = self._finished.is_set()  # before reading: data written just before finishing is read
+            count = self._file.readinto(buffer)
+            if count or done:
+                self.bytes_read += count or 0
+                return count or 0
+            time.sleep(self._poll)
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def scan_while_written(path, wanted, finished, poll=0.05):
+    """Like :func:`scan`, but while a writer (pg_basebackup) is still producing ``path``: follows the file
+    until ``finished`` is set and then reads it to its end. Returns (sizes, contents), or None when the
+    file never appeared or was not read exactly as it ended up (the caller then checks it afterwards).
+    Raises TarError only for a file that is complete and unreadable."""
+    while not os.path.exists(path):
+        if finished.is_set() and not os.path.exists(path):
+            return None
+        finished.wait(poll)
+    source = GrowingFile(path, finished, poll)
+    result = {"sizes": {}, "contents": {}}
+
+    def visit(member, archive):
+        if member.isfile():
+            name = _clean(member.name)
+            result["sizes"][name] = member.size
+            if name in wanted:
+                result["contents"][name] = archive.extractfile(member).read()
+
+    try:
+        walk(path, visit, source=source)
+        # Drain what the tar's end-of-archive padding left, then make sure we read the whole final file.
+        while source.read(BUFSIZE):
+            pass
+    except TarError:
+        if not finished.is_set():
+            finished.wait()
+        raise
+    finally:
+        source.close()
+    if source.bytes_read != os.path.getsize(path):
+        return None
+    return result["sizes"], result["contents"]
 
 
 def scan(path, wanted=()):
