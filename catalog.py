@@ -170,7 +170,9 @@ def newest_done(backup_dir, kind):
 
 
 def utc_now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    """Now, UTC, ISO 8601 with microseconds: pairing a snapshot with a base backup compares these times,
+    and two stages often start within the same second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 def parse_iso(text):

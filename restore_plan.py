@@ -5,8 +5,8 @@ times and LSNs. Every refusal is a :class:`PlanError` whose message says what to
 settings per server version are in restore_settings.py.
 
 Rules (see RESTORE.md):
-- base backup for a target time: the newest DONE backup that ended (plus a 1 s margin: ``ended_at`` is
-  truncated to the second) at or before it;
+- base backup for a target time: the newest DONE backup that ended (plus a 1 s margin, for metadata
+  written with whole seconds) at or before it;
 - recovery window: [oldest DONE backup's end, newest archived WAL segment]; a target time outside it is refused;
 - contentstore snapshot: the first DONE snapshot that *started* at or after the database's recovery point
   (a file without a row is a harmless orphan; a row without its file is a broken document);

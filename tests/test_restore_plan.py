@@ -326,3 +326,20 @@ def test_rollback_commands_quote_paths_and_move_the_abandoned_timeline():
                      "find /b/pg_wal -maxdepth 1 -name '00000002*' -exec mv {} /b/pg_wal.abandoned/ \\;",
                      "'/opt/alf resco/alfresco.sh' start"]
     assert len(rp.rollback_commands("/a.sh", [])) == 2
+
+
+def test_snapshot_pairing_within_one_second_uses_the_exact_times():
+    """Two nights a second apart (as make demo runs them): night 1's snapshot started 0.3 s before night 2's
+    base backup ended, in the same second. Whole-second times paired them wrongly (found by make demo)."""
+    t = datetime.datetime(2024, 5, 1, 2, 0, 22, tzinfo=UTC)
+    night1 = entry("contentstore", "cs-night1", t + datetime.timedelta(microseconds=200000),
+                   t + datetime.timedelta(microseconds=500000))
+    night2 = entry("contentstore", "cs-night2", t + datetime.timedelta(seconds=1, microseconds=10000),
+                   t + datetime.timedelta(seconds=1, microseconds=900000))
+    base2_end = t + datetime.timedelta(microseconds=900000)
+    assert rp.choose_snapshot([night1, night2], base2_end)[0].name == "cs-night2"
+
+
+def test_metadata_times_keep_microseconds():
+    assert "." in catalog.utc_now_iso()
+    assert catalog.parse_iso(catalog.utc_now_iso()) is not None
