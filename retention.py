@@ -191,17 +191,24 @@ def plan_retention(entries_by_kind, now, retention_days, min_count=1, lock_free=
     return RetentionPlan(decisions, warnings, wal_keep_from, labels, now, retention_days, min_count)
 
 
+def _moment(entry, key):
+    """The exact UTC time ``key`` (started_at/ended_at) from the metadata, else the name's local time."""
+    exact = catalog.parse_iso(entry.info.get(key))
+    return exact if exact is not None else entry.taken_at.astimezone(datetime.timezone.utc)
+
+
 def _pair(kept_bases, candidates, what, fallback_older, keep_reasons, warnings):
-    """Add a keep reason to each kept base backup's partner among DONE ``candidates`` (oldest first)."""
+    """Add a keep reason to each kept base backup's partner among DONE ``candidates`` (oldest first): the
+    first one started at or after the base backup ended, the pair a restore uses (restore_plan)."""
     partners = {}
     for base in kept_bases:
         partner = None
         for candidate in candidates:
-            if candidate.taken_at >= base.taken_at:
+            if _moment(candidate, "started_at") >= _moment(base, "ended_at"):
                 partner = candidate
                 break
         if partner is None and fallback_older:
-            older = [c for c in candidates if c.taken_at < base.taken_at]
+            older = [c for c in candidates if _moment(c, "started_at") < _moment(base, "ended_at")]
             partner = older[-1] if older else None
         if partner is None:
             if fallback_older:

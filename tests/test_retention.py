@@ -42,6 +42,11 @@ def make(backup_dir, kind, when, status=DONE, info=None, dirname=None):
             handle.write(name)
     if status in (DONE, WAITING_FOR_WAL, FAILED):
         meta = {"status": status, "started_at": "2024-01-01T00:00:00+00:00"}
+        if when is not None:
+            # As a night runs them: the base backup first, the snapshot and config copy when it has ended.
+            start = when + datetime.timedelta(minutes=0 if kind == "postgres" else 1)
+            meta.update(started_at=start.astimezone(datetime.timezone.utc).isoformat(),
+                        ended_at=(start + datetime.timedelta(minutes=1)).astimezone(datetime.timezone.utc).isoformat())
         if kind == "postgres":
             number = when.toordinal() - datetime.date(2024, 1, 1).toordinal() + 2 if when else 1
             meta.update(start_wal_file=segment(number), stop_wal_file=segment(number + 1), timeline=1,
