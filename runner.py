@@ -11,6 +11,7 @@ import time
 import traceback
 
 import alfresco_files
+import base_backup
 import catalog
 import contentstore
 import postgres
@@ -188,7 +189,7 @@ class Night:
                 conn.close()
         name = unique_name(self.cfg.BACKUP_DIR, "postgres")
         self.current_names.add(name)
-        info = postgres.take_base_backup(self.cfg, server, catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"),
+        info = base_backup.take_base_backup(self.cfg, server, catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"),
                                          name, self.log)
         self.base_info = info
         stage.size = info["size_bytes"]

@@ -56,6 +56,7 @@ def _night(cfg, log, name):
 
 
 def base_backup(cfg, log, name):
+    import base_backup
     import catalog
     import postgres
 
@@ -70,8 +71,8 @@ def base_backup(cfg, log, name):
             server = postgres.server_facts(conn)
         finally:
             conn.close()
-        info = postgres.take_base_backup(cfg, server, catalog.kind_dir(cfg.BACKUP_DIR, "postgres"), name, log)
-        call = "postgres.take_base_backup"
+        info = base_backup.take_base_backup(cfg, server, catalog.kind_dir(cfg.BACKUP_DIR, "postgres"), name, log)
+        call = "base_backup.take_base_backup"
     return {"seconds": time.monotonic() - started, "info": info, "call": call, "steps": STEPS.steps}
 
 

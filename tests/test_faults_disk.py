@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 
+import base_backup
 import catalog
 import config
 import contentstore
@@ -76,7 +77,7 @@ def test_disk_filling_during_the_copies_fails_cleanly_and_keeps_earlier_backups(
         conn = postgres.connect(cfg)
         server = postgres.server_facts(conn)
         conn.close()
-        first = postgres.take_base_backup(cfg, server, os.path.join(backup_dir, "postgres"),
+        first = base_backup.take_base_backup(cfg, server, os.path.join(backup_dir, "postgres"),
                                           "base-2024-01-01_02-00-00", log)
         snap = contentstore.take_snapshot(sb.contentstore_dir, backup_dir, "contentstore-2024-01-01_02-00-01", log)
         # Fill the disk almost completely, then grow the database and the store.
@@ -85,7 +86,7 @@ def test_disk_filling_during_the_copies_fails_cleanly_and_keeps_earlier_backups(
         sb.psql("CREATE TABLE bulk AS SELECT g, md5(g::text) AS h FROM generate_series(1, 100000) g")
         sb.add_content(5, date=(2025, 2, 2, 2, 2), size=512 * 1024)
         with pytest.raises(postgres.PostgresError) as db_error:
-            postgres.take_base_backup(cfg, server, os.path.join(backup_dir, "postgres"),
+            base_backup.take_base_backup(cfg, server, os.path.join(backup_dir, "postgres"),
                                       "base-2024-01-02_02-00-00", log)
         assert "no space left on device in %s" % os.path.join(backup_dir, "postgres") in str(db_error.value)
         with pytest.raises(contentstore.ContentstoreError) as cs_error:

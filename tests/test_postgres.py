@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import base_backup  # noqa: E402
 import postgres  # noqa: E402
 from postgres import PostgresError  # noqa: E402
 
@@ -213,13 +214,13 @@ LABEL: nightly
 
 
 def test_parse_backup_label_15():
-    info = postgres.parse_backup_label(LABEL_15)
+    info = base_backup.parse_backup_label(LABEL_15)
     assert info == {"start_lsn": "0/2000028", "start_wal_file": "000000010000000000000002", "timeline": 1,
                     "label": "alfresco-backup base-2024-01-31_02-00-00", "start_time": "2024-01-31 02:00:01 UTC"}
 
 
 def test_parse_backup_label_94_other_timeline():
-    info = postgres.parse_backup_label(LABEL_94)
+    info = base_backup.parse_backup_label(LABEL_94)
     assert info["start_lsn"] == "1A/DE000028"
     assert info["start_wal_file"] == "000000030000001A000000DE"
     assert info["timeline"] == 3
@@ -228,7 +229,7 @@ def test_parse_backup_label_94_other_timeline():
 
 def test_parse_backup_label_without_start_line():
     with pytest.raises(PostgresError):
-        postgres.parse_backup_label("CHECKPOINT LOCATION: 0/2000060\nLABEL: x\n")
+        base_backup.parse_backup_label("CHECKPOINT LOCATION: 0/2000060\nLABEL: x\n")
 
 
 # --- verify_manifest -------------------------------------------------------------------------------------
@@ -280,26 +281,26 @@ def test_verify_manifest_good(tmp_path):
                                           ranges=[{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/3000000"},
                                                   {"Timeline": 2, "Start-LSN": "0/3000000",
                                                    "End-LSN": "0/3000100"}]))
-    assert postgres.verify_manifest(path, dict(MEMBERS)) == {"start_lsn": "0/2000028", "end_lsn": "0/3000100",
+    assert base_backup.verify_manifest(path, dict(MEMBERS)) == {"start_lsn": "0/2000028", "end_lsn": "0/3000100",
                                                             "timeline": 2}
 
 
 def test_verify_manifest_extra_tar_members_are_fine(tmp_path):
     path = write(tmp_path, manifest_bytes([file_entry("PG_VERSION", 3)]))
     members = dict(MEMBERS, **{"pg_wal/000000010000000000000002": 16777216})
-    assert postgres.verify_manifest(path, members)["end_lsn"] == "0/2000100"
+    assert base_backup.verify_manifest(path, members)["end_lsn"] == "0/2000100"
 
 
 def test_verify_manifest_without_wal_ranges(tmp_path):
     path = write(tmp_path, manifest_bytes([file_entry("PG_VERSION", 3)], ranges=[]))
-    assert postgres.verify_manifest(path, dict(MEMBERS)) == {}
+    assert base_backup.verify_manifest(path, dict(MEMBERS)) == {}
 
 
 def test_verify_manifest_tampered_body(tmp_path):
     path = write(tmp_path, manifest_bytes([file_entry(n, s) for n, s in MEMBERS.items()],
                                           tamper=lambda b: b.replace(b'"Size": 8192', b'"Size": 8193', 1)))
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(path, dict(MEMBERS))
+        base_backup.verify_manifest(path, dict(MEMBERS))
     assert "checksum mismatch" in str(info.value)
 
 
@@ -309,14 +310,14 @@ def test_verify_manifest_tampered_checksum(tmp_path):
     start = data.index(b'": "', marker) + 4
     flipped = data[:start] + (b"0" if data[start:start + 1] != b"0" else b"1") + data[start + 1:]
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(write(tmp_path, flipped), dict(MEMBERS))
+        base_backup.verify_manifest(write(tmp_path, flipped), dict(MEMBERS))
     assert "checksum mismatch" in str(info.value)
 
 
 def test_verify_manifest_without_checksum(tmp_path):
     path = write(tmp_path, b'{"PostgreSQL-Backup-Manifest-Version": 1, "Files": []}\n')
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(path, {})
+        base_backup.verify_manifest(path, {})
     assert "no Manifest-Checksum" in str(info.value)
 
 
@@ -325,7 +326,7 @@ def test_verify_manifest_missing_file(tmp_path):
     members = dict(MEMBERS)
     del members["base/1/1259"]
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(path, members)
+        base_backup.verify_manifest(path, members)
     assert "missing from base.tar: base/1/1259" in str(info.value)
 
 
@@ -333,21 +334,21 @@ def test_verify_manifest_size_mismatch(tmp_path):
     path = write(tmp_path, manifest_bytes([file_entry(n, s) for n, s in MEMBERS.items()]))
     members = dict(MEMBERS, **{"global/pg_control": 4096})
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(path, members)
+        base_backup.verify_manifest(path, members)
     assert "size differs for global/pg_control: manifest 8192, tar 4096" in str(info.value)
 
 
 def test_verify_manifest_many_problems_are_summarised(tmp_path):
     entries = [file_entry("base/1/%d" % i, 10) for i in range(8)]
     with pytest.raises(PostgresError) as info:
-        postgres.verify_manifest(write(tmp_path, manifest_bytes(entries)), {})
+        base_backup.verify_manifest(write(tmp_path, manifest_bytes(entries)), {})
     assert "(and 3 more)" in str(info.value)
 
 
 def test_verify_manifest_truncated_is_postgres_error(tmp_path):
     data = manifest_bytes([file_entry("PG_VERSION", 3)])
     with pytest.raises(PostgresError):
-        postgres.verify_manifest(write(tmp_path, data[:-20]), dict(MEMBERS))
+        base_backup.verify_manifest(write(tmp_path, data[:-20]), dict(MEMBERS))
 
 
 def test_verify_manifest_encoded_path(tmp_path):
@@ -356,7 +357,7 @@ def test_verify_manifest_encoded_path(tmp_path):
     path = write(tmp_path, manifest_bytes([entry]))
     # tarfile (and so tar_io.list_members) decodes member names with UTF-8 + surrogateescape.
     members = {raw_name.decode("utf-8", "surrogateescape"): 5}
-    assert postgres.verify_manifest(path, members)["start_lsn"] == "0/2000028"
+    assert base_backup.verify_manifest(path, members)["start_lsn"] == "0/2000028"
 
 
 # --- check_backup_dir on hand-built tars -----------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_check_backup_dir_stream_with_manifest(tmp_path):
     make_tar(str(tmp_path / "pg_wal.tar"), {SEGMENT: b"\0" * 1024})
     (tmp_path / "backup_manifest").write_bytes(
         manifest_bytes([file_entry(n, len(d)) for n, d in members.items()]))
-    facts = postgres.check_backup_dir(str(tmp_path), "stream", V15)
+    facts = base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert facts["start_wal_file"] == SEGMENT and facts["timeline"] == 1
     assert set(facts["files"]) == {"base.tar", "pg_wal.tar", "backup_manifest"}
     assert facts["files"]["backup_manifest"] == os.path.getsize(str(tmp_path / "backup_manifest"))
@@ -395,7 +396,7 @@ def test_check_backup_dir_stream_with_manifest(tmp_path):
 def test_check_backup_dir_fetch_94_finds_wal_in_pg_xlog(tmp_path):
     label = LABEL_15.encode()
     make_tar(str(tmp_path / "base.tar"), {"backup_label": label, "pg_xlog/" + SEGMENT: b"\0" * 64})
-    facts = postgres.check_backup_dir(str(tmp_path), "fetch", V94)
+    facts = base_backup.check_backup_dir(str(tmp_path), "fetch", V94)
     assert facts["start_wal_file"] == SEGMENT
     assert "manifest_wal" not in facts
 
@@ -404,7 +405,7 @@ def test_check_backup_dir_without_backup_label(tmp_path):
     make_tar(str(tmp_path / "base.tar"), {"PG_VERSION": b"15\n"})
     make_tar(str(tmp_path / "pg_wal.tar"), {SEGMENT: b"\0"})
     with pytest.raises(PostgresError) as info:
-        postgres.check_backup_dir(str(tmp_path), "stream", V15)
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert "backup_label" in str(info.value)
 
 
@@ -412,14 +413,14 @@ def test_check_backup_dir_without_start_segment(tmp_path):
     make_tar(str(tmp_path / "base.tar"), base_members())
     make_tar(str(tmp_path / "pg_wal.tar"), {"000000010000000000000003": b"\0"})
     with pytest.raises(PostgresError) as info:
-        postgres.check_backup_dir(str(tmp_path), "stream", V15)
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert SEGMENT in str(info.value)
 
 
 def test_check_backup_dir_stream_without_wal_tar(tmp_path):
     make_tar(str(tmp_path / "base.tar"), base_members())
     with pytest.raises(PostgresError) as info:
-        postgres.check_backup_dir(str(tmp_path), "stream", V15)
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert "pg_wal.tar" in str(info.value)
 
 
@@ -429,12 +430,12 @@ def test_check_backup_dir_truncated_tar(tmp_path):
     with open(str(tmp_path / "base.tar"), "r+b") as handle:
         handle.truncate(4096)
     with pytest.raises(PostgresError):
-        postgres.check_backup_dir(str(tmp_path), "stream", V15)
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15)
 
 
 def test_check_backup_dir_empty(tmp_path):
     with pytest.raises(PostgresError) as info:
-        postgres.check_backup_dir(str(tmp_path), "stream", V15)
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert "no base.tar" in str(info.value)
 
 
@@ -446,7 +447,7 @@ def test_check_backup_dir_with_tablespace(tmp_path):
     entries = [file_entry(n, len(d)) for n, d in members.items()]
     entries.append(file_entry("pg_tblspc/16385/PG_15_202209061/16384/16386", 8192))
     (tmp_path / "backup_manifest").write_bytes(manifest_bytes(entries))
-    facts = postgres.check_backup_dir(str(tmp_path), "stream", V15)
+    facts = base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert "16385.tar" in facts["files"]
 
 
@@ -512,11 +513,11 @@ def test_find_bin_dir_nothing_found(tmp_path, monkeypatch):
     ('ERROR:  could not open file "./postgresql.conf.backup": Permission denied', "not readable"),
 ])
 def test_hints(stderr, needle):
-    assert needle in postgres._hint(stderr)
+    assert needle in postgres.hint_for(stderr)
 
 
 def test_no_hint_for_unknown_errors():
-    assert postgres._hint("something else entirely") == ""
+    assert postgres.hint_for("something else entirely") == ""
 
 
 # --- compression location and fallbacks -------------------------------------------------------------------
@@ -563,4 +564,4 @@ def test_unspecified_location_compresses_on_the_server_when_both_are_15_plus():
     ("zstd:3", ["client-zstd:3", "client-gzip"]), ("client-zstd", ["client-gzip"]), ("client-gzip", []),
     ("server-gzip", ["client-gzip"]), ("none", [])])
 def test_compression_fallbacks(spec, expected):
-    assert postgres._compression_fallbacks(plan(V15, V15, spec)) == expected
+    assert base_backup._compression_fallbacks(plan(V15, V15, spec)) == expected
