@@ -291,6 +291,11 @@ def _connect(host, port, security, timeout, context):
     return client
 
 
+def _is_loopback(host):
+    """True for localhost, 127.0.0.0/8 and ::1: a local relay may take a login without TLS."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def send_mail(cfg, subject, body, secrets=()):
     """Send one plain-text mail to every ALERT_EMAIL recipient.
 
@@ -324,6 +329,8 @@ def send_mail(cfg, subject, body, secrets=()):
         fail("ALERT_EMAIL is empty")
     if security not in SECURITY_MODES:
         fail("SMTP_SECURITY must be one of {}, not {!r}".format(", ".join(SECURITY_MODES), security))
+    if security == "none" and user and not _is_loopback(host):
+        fail("refusing to send SMTP_PASSWORD unencrypted to a remote server: set SMTP_SECURITY=starttls or ssl")
 
     try:
         msg = EmailMessage()

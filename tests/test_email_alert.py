@@ -436,3 +436,12 @@ def test_notify_never_raises_on_nonsense_config(caplog):
     assert any(r.levelno == logging.ERROR for r in caplog.records)
     with pytest.raises(AlertError, match="SMTP_SECURITY"):
         send_mail(make_cfg(25, SMTP_SECURITY="tls"), "s", "b")
+
+
+def test_a_password_is_never_sent_unencrypted_to_a_remote_server():
+    cfg = types.SimpleNamespace(SMTP_HOST="mail.example.org", SMTP_PORT=25, SMTP_SECURITY="none",
+                                SMTP_USER="backup", SMTP_PASSWORD="s3cret-pw", SMTP_TIMEOUT=2,
+                                ALERT_EMAIL=["admin@example.org"], ALERT_FROM="b@example.org", ALERT_ON="failure")
+    with pytest.raises(email_alert.AlertError) as error:
+        email_alert.send_mail(cfg, "subject", "body")
+    assert "unencrypted" in str(error.value) and "s3cret-pw" not in str(error.value)
