@@ -185,6 +185,10 @@ def _switch_and_wait(cfg, conn):
         postgres.query(conn, "SELECT pg_create_restore_point(%s)", (label,))
         segment = postgres.query(conn, "SELECT %s(%s())" % (walfile, switch))[0][0]
     except psycopg2.Error as exc:
+        if num < 100000:  # before 10 these functions check for a superuser themselves: no GRANT helps
+            return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; on PostgreSQL 9.x only a superuser can: "
+                    "run --check with a superuser as PGUSER (e.g. --env pointing at a copy of .env), or wait "
+                    "archive_timeout seconds and look at --status" % (cfg.PGUSER, str(exc).strip()))
         return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; as a superuser run: GRANT EXECUTE ON "
                 "FUNCTION %s() TO \"%s\"; GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO \"%s\";"
                 % (cfg.PGUSER, str(exc).strip(), switch, cfg.PGUSER, cfg.PGUSER))
