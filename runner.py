@@ -17,6 +17,7 @@ import contentstore
 import postgres
 import retention
 import space
+import status
 import subprocess_utils
 import wal
 import wal_config_check
@@ -226,7 +227,7 @@ class Night:
             catalog.write_info(path, info)
             stage.detail = "%s is DONE: WAL up to %s is archived" % (info["name"], needed)
             return None
-        reason = archiver_reason(self.cfg)
+        reason = status.archiver_reason(self.cfg)
         info["status"] = catalog.FAILED
         info["error"] = "WAL segment %s did not reach %s within %d s%s" % (
             needed, self.cfg.wal_archive_dir, self.cfg.WAL_WAIT_TIMEOUT, reason)
@@ -247,8 +248,6 @@ class Night:
         return None
 
     def _wal_health(self, stage):
-        import status  # late: status imports runner for archiver_reason
-
         facts = status.collect(self.cfg)
         _state, reasons, window = status.assess(facts, datetime.datetime.now(datetime.timezone.utc),
                                                 self.cfg.BACKUP_MAX_AGE_HOURS, self.cfg.WAL_MAX_AGE_HOURS,
@@ -303,25 +302,6 @@ class Night:
                                                           catalog.human_size(s.size), s.error or s.detail))
         lines.append("total %.1f s; backups in %s" % (total_seconds, self.cfg.BACKUP_DIR))
         return "\n".join(lines)
-
-
-def archiver_reason(cfg):
-    """'; the archiver's last failure: <segment> at <time>' from pg_stat_archiver, or ''."""
-    try:
-        conn = postgres.connect(cfg)
-        try:
-            rows = postgres.query(conn, "SELECT last_failed_wal, last_failed_time, last_archived_wal, "
-                                        "last_archived_time, failed_count FROM pg_stat_archiver")
-        finally:
-            conn.close()
-    except postgres.PostgresError as exc:
-        return "; pg_stat_archiver could not be read: %s" % exc
-    failed_wal, failed_time, archived_wal, archived_time, failed_count = rows[0]
-    if failed_wal and (archived_time is None or failed_time > archived_time):
-        return ("; archive_command is failing: last failed segment %s at %s (%d failures), last success %s; "
-                "see the PostgreSQL log" % (failed_wal, failed_time, failed_count, archived_wal or "never"))
-    return "; pg_stat_archiver shows no failure (last archived %s): is archive_command writing to %s?" % (
-        archived_wal or "nothing", cfg.wal_archive_dir)
 
 
 def prune_wal(cfg, plan, log):

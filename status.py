@@ -50,15 +50,7 @@ def collect(cfg):
     else:
         facts["chain"] = None
     try:
-        conn = postgres.connect(cfg)
-        try:
-            row = postgres.query(conn, "SELECT archived_count, last_archived_wal, last_archived_time, "
-                                       "failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver")[0]
-        finally:
-            conn.close()
-        keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-                "last_failed_time")
-        facts["archiver"] = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in zip(keys, row)}
+        facts["archiver"] = read_archiver(cfg)
     except postgres.PostgresError as exc:
         facts["archiver_error"] = str(exc)
     try:
@@ -66,6 +58,41 @@ def collect(cfg):
     except OSError:
         facts["backlog"] = None  # the data directory may belong to another OS user
     return facts
+
+
+ARCHIVER_KEYS = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
+                 "last_failed_time")
+
+
+def read_archiver(cfg):
+    """pg_stat_archiver as a dict of ARCHIVER_KEYS (times as ISO strings). Raises PostgresError."""
+    conn = postgres.connect(cfg)
+    try:
+        row = postgres.query(conn, "SELECT %s FROM pg_stat_archiver" % ", ".join(ARCHIVER_KEYS))[0]
+    finally:
+        conn.close()
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in zip(ARCHIVER_KEYS, row)}
+
+
+def archiver_failing(archiver):
+    """True when the archiver's last failure is newer than its last success (pure)."""
+    return bool(archiver and archiver["last_failed_wal"] and (
+        not archiver["last_archived_time"]
+        or catalog.parse_iso(archiver["last_failed_time"]) > catalog.parse_iso(archiver["last_archived_time"])))
+
+
+def archiver_reason(cfg):
+    """'; archive_command is failing: ...' from pg_stat_archiver, for an error message; never raises."""
+    try:
+        archiver = read_archiver(cfg)
+    except postgres.PostgresError as exc:
+        return "; pg_stat_archiver could not be read: %s" % exc
+    if archiver_failing(archiver):
+        return ("; archive_command is failing: last failed segment %s at %s (%d failures), last success %s; "
+                "see the PostgreSQL log" % (archiver["last_failed_wal"], archiver["last_failed_time"],
+                                            archiver["failed_count"], archiver["last_archived_wal"] or "never"))
+    return "; pg_stat_archiver shows no failure (last archived %s): is archive_command writing to %s?" % (
+        archiver["last_archived_wal"] or "nothing", cfg.wal_archive_dir)
 
 
 def _iso(timestamp):
@@ -103,9 +130,7 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     archiver = facts.get("archiver")
     if facts.get("archiver_error"):
         worse(STATE_CRITICAL, "cannot read pg_stat_archiver: %s" % facts["archiver_error"])
-    elif archiver and archiver["last_failed_wal"] and (
-            not archiver["last_archived_time"]
-            or catalog.parse_iso(archiver["last_failed_time"]) > catalog.parse_iso(archiver["last_archived_time"])):
+    elif archiver_failing(archiver):
         worse(STATE_CRITICAL, "archive_command is failing: last failed segment %s at %s, last success %s"
               % (archiver["last_failed_wal"], archiver["last_failed_time"], archiver["last_archived_wal"]))
     wal_age = _age_hours(facts.get("newest_segment_at"), now)
@@ -196,8 +221,6 @@ def _switch_and_wait(cfg, conn):
     if wal.wait_for_file(cfg.wal_archive_dir, segment, cfg.WAL_WAIT_TIMEOUT):
         return ("OK", "wal_archived", "segment %s reached %s in %.1f s" % (
             segment, cfg.wal_archive_dir, time.monotonic() - started))
-    import runner  # late import: runner imports this module's neighbours, not this module
-
     return ("FAIL", "wal_archived", "segment %s did not reach %s within %d s%s. Check that the directory is "
             "writable by the PostgreSQL server's OS user and that archive_command points at it"
-            % (segment, cfg.wal_archive_dir, cfg.WAL_WAIT_TIMEOUT, runner.archiver_reason(cfg)))
+            % (segment, cfg.wal_archive_dir, cfg.WAL_WAIT_TIMEOUT, archiver_reason(cfg)))
