@@ -282,6 +282,14 @@ def diff_trees(expected, actual, limit=10):
     return "\n".join(lines[:limit]) + more
 
 
+def stage_line(output, stage):
+    """The summary row of ``stage`` (its last occurrence), e.g. 'postgres FAILED 0.1s - ...'."""
+    rows = [line.split("backup: ", 1)[-1] for line in output.splitlines()
+            if line.split("backup: ", 1)[-1].startswith(stage + " ")]
+    assert rows, "no summary row for %s in:\n%s" % (stage, output[-3000:])
+    return rows[-1]
+
+
 def count_files(root):
     """Number of regular files below ``root`` (0 when it does not exist)."""
     total = 0

@@ -27,14 +27,6 @@ def backup(sb, env_path):
     return result
 
 
-def stage_line(output, stage):
-    """The summary row of ``stage`` (its last occurrence), e.g. 'postgres FAILED 0.1s - ...'."""
-    rows = [line.split("backup: ", 1)[-1] for line in output.splitlines()
-            if line.split("backup: ", 1)[-1].startswith(stage + " ")]
-    assert rows, "no summary row for %s in:\n%s" % (stage, output[-3000:])
-    return rows[-1]
-
-
 def base_dirs(sb):
     return sorted(p for p in glob.glob(os.path.join(sb.backup_dir, "postgres", "base-*")) if os.path.isdir(p))
 
@@ -75,7 +67,7 @@ def test_postgres_restarted_during_the_base_backup(sandbox):
         messages = mail.wait(1)
     output = run.output()
     assert code == EXIT_FAILED, output[-4000:]
-    row = stage_line(output, "postgres")
+    row = faultkit.stage_line(output, "postgres")
     assert "FAILED" in row and "pg_basebackup" in row, row
     # Nothing half-made looks like a backup: the partial was removed, no base-* directory is left.
     assert base_dirs(sb) == [], base_dirs(sb)
@@ -92,7 +84,7 @@ def test_server_down_then_back(sandbox):
     sb.stop()
     down = backup(sb, env_path)
     assert down.returncode == EXIT_FAILED
-    assert "cannot connect to PostgreSQL" in stage_line(down.stdout, "postgres")
+    assert "cannot connect to PostgreSQL" in faultkit.stage_line(down.stdout, "postgres")
     # The content backup did not depend on the database: it is DONE and is tomorrow's link base.
     snaps = [e for e in faultkit.entries(sb, "contentstore") if e.status == catalog.DONE]
     assert len(snaps) == 1
@@ -112,7 +104,7 @@ def test_wrong_password_is_named_with_a_hint(sandbox):
     out = result.stdout
     assert result.returncode == EXIT_FAILED, out[-3000:]
     for stage in ("wal_config", "postgres"):
-        row = stage_line(out, stage)
+        row = faultkit.stage_line(out, stage)
         assert "FAILED" in row and "password authentication failed" in row, row
         assert "PGPASSWORD" in row, row  # the hint says which key to fix
     assert len(messages) == 1 and "password authentication failed" in messages[0]["body"]
@@ -130,8 +122,9 @@ def test_no_replication_privilege(sandbox_factory):
     result = backup(sb, env_path)
     out = result.stdout
     assert result.returncode == EXIT_FAILED, out[-3000:]
-    assert "replication_privilege" in out and 'ALTER ROLE "alfresco" REPLICATION' in stage_line(out, "wal_config")
-    row = stage_line(out, "postgres")
+    assert "replication_privilege" in out
+    assert 'ALTER ROLE "alfresco" REPLICATION' in faultkit.stage_line(out, "wal_config")
+    row = faultkit.stage_line(out, "postgres")
     assert "FAILED" in row and "ALTER ROLE" in row and "REPLICATION" in row, row
     assert base_dirs(sb) == []
     sb.psql("ALTER ROLE alfresco REPLICATION", user="postgres")
@@ -144,7 +137,7 @@ def test_missing_pg_hba_replication_line(sandbox_factory):
     result = backup(sb, env_path)
     out = result.stdout
     assert result.returncode == EXIT_FAILED, out[-3000:]
-    row = stage_line(out, "postgres")
+    row = faultkit.stage_line(out, "postgres")
     assert "FAILED" in row and "pg_hba.conf" in row and "replication" in row, row
     assert base_dirs(sb) == []
     hba = os.path.join(sb.pgdata, "pg_hba.conf")
@@ -162,7 +155,7 @@ def test_archive_command_failing_then_fixed(sandbox_factory):
         result = backup(sb, env_path)
         messages = mail.wait(1)
     assert result.returncode == EXIT_FAILED
-    assert "archive_command is failing" in stage_line(result.stdout, "wal_archive")
+    assert "archive_command is failing" in faultkit.stage_line(result.stdout, "wal_archive")
     assert len(messages) == 1
     failed = [e for e in faultkit.entries(sb, "postgres")]
     assert [e.status for e in failed] == [catalog.FAILED]

@@ -34,13 +34,6 @@ def backup(sb, env_path, extra_env=None):
     return result
 
 
-def stage_line(output, stage):
-    rows = [line.split("backup: ", 1)[-1] for line in output.splitlines()
-            if line.split("backup: ", 1)[-1].startswith(stage + " ")]
-    assert rows, "no summary row for %s in:\n%s" % (stage, output[-3000:])
-    return rows[-1]
-
-
 def mail_env(port, **extra):
     values = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": port, "SMTP_SECURITY": "none", "ALERT_EMAIL": MAIL_TO,
               "ALERT_FROM": "backup@example.org", "SMTP_TIMEOUT": 2}
@@ -143,9 +136,9 @@ def test_rsync_missing(sandbox):
         messages = mail.wait(1)
     # The first copy needs rsync: the contentstore stage fails naming it; the database backup is kept.
     assert first.returncode == EXIT_FAILED, first.stdout[-3000:]
-    row = stage_line(first.stdout, "contentstore")
+    row = faultkit.stage_line(first.stdout, "contentstore")
     assert "FAILED" in row and "program not found: rsync" in row, row
-    assert "OK" in stage_line(first.stdout, "postgres")
+    assert "OK" in faultkit.stage_line(first.stdout, "postgres")
     assert len(messages) == 1 and "program not found: rsync" in messages[0]["body"]
     # With rsync back, the first snapshot is made (reusing the empty partial).
     assert backup(sb, env_path).returncode == EXIT_OK
@@ -157,7 +150,7 @@ def test_rsync_missing(sandbox):
     # ... unless CONTENTSTORE_METHOD=rsync asks for it.
     forced = backup(sb, sb.write_env(CONTENTSTORE_METHOD="rsync"), extra_env=no_rsync)
     assert forced.returncode == EXIT_FAILED
-    assert "program not found: rsync" in stage_line(forced.stdout, "contentstore")
+    assert "program not found: rsync" in faultkit.stage_line(forced.stdout, "contentstore")
     assert len([e for e in faultkit.entries(sb, "contentstore") if e.status == catalog.DONE]) == 2
 
 
@@ -167,14 +160,14 @@ def test_pg_basebackup_missing(sandbox):
     os.mkdir(empty, 0o755)
     result = backup(sb, sb.write_env(PG_BIN_DIR=empty))
     assert result.returncode == EXIT_FAILED, result.stdout[-3000:]
-    row = stage_line(result.stdout, "postgres")
+    row = faultkit.stage_line(result.stdout, "postgres")
     assert "FAILED" in row and "PG_BIN_DIR=%s has no executable pg_basebackup" % empty in row, row
     # Not configured anywhere: neither in the bundle nor on PATH.
     os.unlink(os.path.join(sb.pg_bin, "pg_basebackup"))
     path = faultkit.path_without(sb, "pg_basebackup")
     result = backup(sb, sb.write_env(), extra_env={"PATH": path})
     assert result.returncode == EXIT_FAILED
-    row = stage_line(result.stdout, "postgres")
+    row = faultkit.stage_line(result.stdout, "postgres")
     assert "pg_basebackup not found" in row and "PG_BIN_DIR" in row, row
     assert not glob.glob(os.path.join(sb.backup_dir, "postgres", "base-*"))
     # The contentstore was still backed up.
@@ -207,9 +200,9 @@ def test_default_contentstore_missing_fails_the_stage_then_recovers(sandbox):
     finally:
         os.rename(moved, sb.contentstore_dir)
     assert result.returncode == EXIT_FAILED
-    row = stage_line(result.stdout, "contentstore")
+    row = faultkit.stage_line(result.stdout, "contentstore")
     assert "FAILED" in row and "contentstore not found: %s" % sb.contentstore_dir in row, row
-    assert "SKIPPED" in stage_line(result.stdout, "retention")
+    assert "SKIPPED" in faultkit.stage_line(result.stdout, "retention")
     assert backup(sb, env_path).returncode == EXIT_OK
 
 
@@ -232,10 +225,10 @@ def test_unreadable_file_fails_the_nightly_snapshot_naming_it(sandbox):
         result = backup(sb, sb.write_env(**mail.env()))
         messages = mail.wait(1)
     assert result.returncode == EXIT_FAILED
-    row = stage_line(result.stdout, "contentstore")
+    row = faultkit.stage_line(result.stdout, "contentstore")
     assert "FAILED" in row and path in row and "Permission denied" in row, row
     assert len(messages) == 1 and path in messages[0]["body"]
-    assert "SKIPPED" in stage_line(result.stdout, "retention")
+    assert "SKIPPED" in faultkit.stage_line(result.stdout, "retention")
     sb.chown_to_service_user(path)
     again = backup(sb, env_path)
     assert again.returncode == EXIT_OK, again.stdout[-3000:]
@@ -250,7 +243,7 @@ def test_unreadable_file_fails_the_first_rsync_copy(sandbox):
         result = backup(sb, sb.write_env(**mail.env()))
         messages = mail.wait(1)
     assert result.returncode == EXIT_FAILED
-    assert "FAILED" in stage_line(result.stdout, "contentstore")
+    assert "FAILED" in faultkit.stage_line(result.stdout, "contentstore")
     assert 'failed to open "%s": Permission denied' % path in result.stdout
     assert 'failed to open "%s"' % path in faultkit.backup_log(sb)
     assert len(messages) == 1 and "contentstore" in messages[0]["subject"] + messages[0]["body"]
@@ -268,7 +261,7 @@ def test_unreadable_file_is_named_in_the_rsync_alert(sandbox):
         messages = mail.wait(1)
     assert result.returncode == EXIT_FAILED
     assert len(messages) == 1
-    assert path in messages[0]["body"] or path in stage_line(result.stdout, "contentstore")
+    assert path in messages[0]["body"] or path in faultkit.stage_line(result.stdout, "contentstore")
 
 
 # ------------------------------------------------------------------------------------------- BACKUP_DIR
@@ -298,7 +291,7 @@ def test_kind_folder_owned_by_root_fails_the_stage_naming_it(sandbox):
     os.mkdir(folder, 0o755)
     result = backup(sb, sb.write_env())
     assert result.returncode == EXIT_FAILED
-    row = stage_line(result.stdout, "postgres")
+    row = faultkit.stage_line(result.stdout, "postgres")
     assert "FAILED" in row and "Permission denied" in row and folder in row, row
 
 
@@ -364,7 +357,7 @@ def test_pg_basebackup_hanging_past_its_timeout_is_stopped_with_its_tree(sandbox
         run.cleanup()
     output = run.output()
     assert code == EXIT_FAILED, output[-3000:]
-    row = stage_line(output, "postgres")
+    row = faultkit.stage_line(output, "postgres")
     assert "FAILED" in row and "pg_basebackup: timed out after 5 s" in row, row
     assert "stopping it and every process it started" in output
     assert not _tool_pids(sb, "pg_basebackup")
@@ -395,10 +388,10 @@ def test_rsync_hanging_past_its_timeout_is_stopped_with_its_tree(sandbox):
         run.cleanup()
     output = run.output()
     assert code == EXIT_FAILED, output[-3000:]
-    row = stage_line(output, "contentstore")
+    row = faultkit.stage_line(output, "contentstore")
     assert "FAILED" in row and "timed out after 3 s" in row, row
     assert not [p for p in rsyncs if faultkit.alive(p)], "rsync outlived its timeout"
-    assert "OK" in stage_line(output, "postgres")
+    assert "OK" in faultkit.stage_line(output, "postgres")
 
 
 # ------------------------------------------------------------------------------------------- concurrency
