@@ -27,7 +27,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_CODES = {
     EXIT_OK: "every stage succeeded (warnings allowed)",
     EXIT_FAILED: "a stage failed (details in the log and the alert mail)",
-    EXIT_CONFIG: "configuration error (every bad key is named)",
+    EXIT_CONFIG: "configuration error (every bad key is named), or run as root",
     EXIT_LOCKED: "another backup (or restore) holds the lock; nothing was done",
 }
 LOG = logging.getLogger("backup")
@@ -119,8 +119,13 @@ def ensure_backup_dir(path):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     env_path = os.path.abspath(args.env or config.default_env_path())
+    refusal = config.root_refusal(env_path, [os.path.abspath(__file__)] + list(argv))
+    if refusal:
+        sys.stderr.write(refusal + "\n")
+        return EXIT_CONFIG
     try:
         cfg = config.load_config(env_path)
         if not (args.dry_run or args.status or args.retention_dry_run):

@@ -1,74 +1,108 @@
-"""The backup lock: ``flock(2)`` on ``BACKUP_DIR/backup.lock``.
+"""Locks in BACKUP_DIR: ``flock(2)`` on small files that are never deleted.
 
-Exclusive and non-blocking. The holder's PID is written into the file for the message a second run
-prints. The file is never deleted: deleting it would let a third run lock a new inode while the first
-still holds the old one. The kernel releases the lock when the holder dies, however it dies.
+- ``backup.lock`` (:data:`LOCK_NAME`): exclusive, held by a nightly run, ``restore.py full`` and ``verify``.
+  The holder's PID is written into the file for the message a second run prints.
+- ``restore.lock`` (:data:`RESTORE_LOCK_NAME`): shared by everything that reads backups for a while
+  (``restore.py postgres`` and ``contentstore``), exclusive while retention deletes: a restore never loses the
+  base backup or the WAL it is replaying, and retention never waits for a restore (it skips a night).
+- ``offsite.lock`` (:data:`OFFSITE_LOCK_NAME`): exclusive, held by ``backup.py --offsite``.
+
+The files are never deleted: deleting one would let a third process lock a new inode while the first still
+holds the old one. The kernel releases a lock when its holder dies, however it dies. A lock file is opened
+with ``O_NOFOLLOW`` and must be a regular file of this user: a symlink planted in BACKUP_DIR must never make a
+run truncate or write into the file it points at.
 """
 
 import errno
 import fcntl
 import os
+import stat
 import time
 
 LOCK_NAME = "backup.lock"
+RESTORE_LOCK_NAME = "restore.lock"
+OFFSITE_LOCK_NAME = "offsite.lock"
+_HELD_BY = {LOCK_NAME: "another backup is running", RESTORE_LOCK_NAME: "a restore is reading the backups",
+            OFFSITE_LOCK_NAME: "another off-site upload is running"}
 
 
 class LockHeld(Exception):
     """Another process holds the lock; ``pid`` is what it wrote into the file (None if unreadable)."""
 
-    def __init__(self, path, pid):
+    def __init__(self, path, pid, what=None):
         self.path = path
         self.pid = pid
-        super().__init__("another backup is running (pid %s); lock file %s" % (pid if pid else "unknown", path))
+        what = what or _HELD_BY.get(os.path.basename(path), "another process holds the lock")
+        super().__init__("%s (pid %s); lock file %s" % (what, pid if pid else "unknown", path))
+
+
+def open_private(path, flags, mode=0o600):
+    """Open ``path`` without following a symlink (``O_NOFOLLOW``) and check on the open descriptor that it is a
+    regular file owned by this process's user. Returns the fd; raises OSError (ELOOP for a symlink, EPERM for
+    a file of someone else or not a regular file, with a message naming it)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "%s is a symbolic link; refusing to follow it (remove it: it was not made "
+                                       "by this program)" % path)
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, "%s is %s owned by uid %d, not a file of this user (uid %d): remove it or fix "
+                                   "its owner (chown)" % (path, "a file" if stat.S_ISREG(info.st_mode) else
+                                                          "not a regular file", info.st_uid, os.geteuid()))
+    return fd
 
 
 class BackupLock:
-    """Context manager holding the lock on ``<directory>/backup.lock``.
+    """Context manager holding the lock on ``<directory>/<name>``, exclusive or (``shared``) shared.
 
-    ``acquire()`` raises :class:`LockHeld` when another process holds it, OSError when the file cannot be
-    created. ``release()`` is idempotent.
+    ``acquire()`` raises :class:`LockHeld` when another process holds it in a conflicting mode, OSError when
+    the file cannot be created or is not a plain file of this user. An exclusive holder writes its PID into
+    the file. ``release()`` is idempotent.
     """
 
-    def __init__(self, directory):
-        self.path = os.path.join(directory, LOCK_NAME)
+    def __init__(self, directory, name=LOCK_NAME, shared=False, what=None):
+        self.path = os.path.join(directory, name)
+        self.shared = shared
+        self.what = what
         self._fd = None
 
     def acquire(self):
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         except PermissionError:
-            # Someone else's lock file (e.g. left by a run as root): tell "held" from "unusable".
+            # Someone else's lock file (e.g. left by a run as another user): tell "held" from "unusable".
             try:
-                fd = os.open(self.path, os.O_RDONLY)
+                fd = open_private(self.path, os.O_RDONLY)
             except PermissionError:
                 raise PermissionError(errno.EACCES, "lock file %s belongs to another user and is not readable "
                                       "by this one (uid %d): fix its owner (chown) so backups run as one user"
                                       % (self.path, os.getuid()))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise LockHeld(self.path, read_holder(self.path))
-            finally:
-                os.close(fd)
+            os.close(fd)
             raise PermissionError(errno.EACCES, "lock file %s is not writable by this user (uid %d): fix its "
                                   "owner (chown) so backups run as one user" % (self.path, os.getuid()))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockHeld(self.path, read_holder(self.path, wait=1.0))
+                raise LockHeld(self.path, read_holder(self.path, wait=1.0), self.what)
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, ("%d\n" % os.getpid()).encode())
-        os.fsync(fd)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, ("%d\n" % os.getpid()).encode())
+            os.fsync(fd)
         self._fd = fd
         return self
 
     def release(self):
         if self._fd is not None:
-            # Empty the PID first so a reader never blames a dead process; keep the file.
-            os.ftruncate(self._fd, 0)
+            if not self.shared:
+                # Empty the PID first so a reader never blames a dead process; keep the file.
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -94,8 +128,11 @@ def read_holder(path, wait=0.0):
     deadline = time.monotonic() + wait
     while True:
         try:
-            with open(path) as handle:
-                text = handle.read().strip()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 64).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
             if text.isdigit():
                 return int(text)
         except OSError:
@@ -105,14 +142,14 @@ def read_holder(path, wait=0.0):
         time.sleep(0.05)
 
 
-def is_locked(directory):
+def is_locked(directory, name=LOCK_NAME):
     """True when some process holds the lock right now (tested by trying to take it and letting go)."""
-    lock = BackupLock(directory)
+    probe = BackupLock(directory, name)
     try:
-        lock.acquire()
+        probe.acquire()
     except LockHeld:
         return True
     except FileNotFoundError:
         return False
-    lock.release()
+    probe.release()
     return False

@@ -12,7 +12,6 @@ import datetime
 import json
 import logging
 import os
-import pwd
 import socket
 import sys
 
@@ -31,7 +30,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_CODES = {
     EXIT_OK: "done (for verify: the drill passed)",
     EXIT_FAILED: "a restore step or a drill check failed (the output says which and why)",
-    EXIT_CONFIG: "configuration or command-line error",
+    EXIT_CONFIG: "configuration or command-line error, or run as root",
     EXIT_LOCKED: "a backup (or another restore) holds the lock; nothing was done",
     EXIT_REFUSED: "refused before changing anything: target outside the recovery window, directory not empty, "
                   "no paired snapshot, not enough space, or not confirmed",
@@ -123,7 +122,6 @@ def parse_args(argv):
     cmd.add_argument("--port", type=int, help="port for the restored server")
     cmd.add_argument("--socket-dir", help="Unix socket directory for the restored server")
     cmd.add_argument("--start", action="store_true", help="start it (as this user) and wait until recovery ends")
-    cmd.add_argument("--owner", help="as root: give the restored files to this OS user (the one running PostgreSQL)")
     cmd = commands.add_parser("contentstore", parents=[common], epilog=epilog,
                               help="restore the contentstore snapshot that pairs with a database point")
     cmd.add_argument("--to", required=True, metavar="DIR", help="empty or new directory")
@@ -155,8 +153,13 @@ def target_of(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     env_path = os.path.abspath(getattr(args, "env", None) or config.default_env_path())
+    refusal = config.root_refusal(env_path, [os.path.abspath(__file__)] + list(argv))
+    if refusal:
+        sys.stderr.write(refusal + "\n")
+        return EXIT_CONFIG
     try:
         cfg = config.load_config(env_path)
     except config.ConfigError as exc:
@@ -247,36 +250,16 @@ def cmd_list(cfg, as_json):
 
 # ---------------------------------------------------------------- postgres
 
-def owner_of(args):
-    """(uid, gid) to chown the restored tree to, or None. Raises Refused."""
-    if os.geteuid() != 0:
-        if args.owner and args.owner != pwd.getpwuid(os.geteuid()).pw_name:
-            raise restore_db.Refused("--owner needs root; run restore.py as %s instead" % args.owner)
-        return None
-    if args.start:
-        raise restore_db.Refused("PostgreSQL refuses to run as root: leave out --start, or run restore.py as the "
-                                 "OS user that runs PostgreSQL")
-    if not args.owner:
-        raise restore_db.Refused("running as root: pass --owner USER (the OS user that runs PostgreSQL), or run "
-                                 "restore.py as that user")
-    try:
-        entry = pwd.getpwnam(args.owner)
-    except KeyError:
-        raise restore_db.Refused("no such user: %s" % args.owner)
-    return entry.pw_uid, entry.pw_gid
-
-
 def cmd_postgres(cfg, args):
     target = target_of(args)
     dest = os.path.abspath(args.to)
-    owner = owner_of(args)
     plan = restore_db.plan_database(cfg, target, args.backup, args.timeline)
     LOG.info("restoring base backup %s (PostgreSQL %s) into %s, recovering to %s", plan.base.name,
              plan.base.info.get("server_version"), dest, restore_plan.describe_target(target))
     for note in plan.notes:
         LOG.info("note: %s", note)
     port = args.port if args.port else (restore_server.free_port() if args.start else None)
-    result = restore_db.restore_database(cfg, plan, dest, LOG, timeline=args.timeline, owner=owner,
+    result = restore_db.restore_database(cfg, plan, dest, LOG, timeline=args.timeline,
                                          keep_archiving=args.keep_archiving, port=port, socket_dir=args.socket_dir)
     for line in result["warnings"]:
         LOG.warning("%s", line)

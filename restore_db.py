@@ -287,10 +287,10 @@ def write_recovery(dest, files):
         _write(auto, prefix + files.auto_conf_block, append=True)
 
 
-def restore_database(cfg, plan, dest, log, timeline="latest", owner=None, **auto_kwargs):
+def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     """Extract ``plan.base`` into ``dest`` and write its recovery settings (``auto_kwargs``: keep_archiving,
     port, socket_dir, listen, logging_collector). Returns {'warnings', 'notes', 'extract_s'}.
-    ``owner``: (uid, gid) to give the tree to (root only). Raises RestoreError, PlanError."""
+    Raises RestoreError, PlanError."""
     base = plan.base
     version = base.info.get("server_version_num")
     if not version:
@@ -303,9 +303,4 @@ def restore_database(cfg, plan, dest, log, timeline="latest", owner=None, **auto
     warnings = extract(base, dest, log)
     notes = [n for n in [verify_manifest(cfg, base, dest, log)] if n]
     write_recovery(dest, files)
-    if owner is not None:
-        for root, dirs, names in os.walk(dest):
-            for name in dirs + names:
-                os.lchown(os.path.join(root, name), owner[0], owner[1])
-        os.lchown(dest, owner[0], owner[1])
     return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}

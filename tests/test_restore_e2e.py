@@ -143,22 +143,6 @@ def test_database_only_without_start_prints_how_to_start(sandbox):
     assert os.path.isfile(os.path.join(dest, "pg_wal", info["start_wal_file"]))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="--owner is for root")
-def test_root_restores_for_the_postgres_user_with_owner(sandbox):
-    sb = sandbox
-    env = sb.write_env()
-    backup(sb, env)
-    dest = os.path.join(sb.root, "as-root")
-    argv = [sb.python, os.path.join(sb.project_dir, "restore.py"), "--env", env, "postgres", "--to", dest]
-    refused = subprocess.run(argv, capture_output=True, text=True, cwd=sb.root)
-    assert refused.returncode == EXIT_REFUSED and "--owner" in refused.stdout
-    done = subprocess.run(argv + ["--owner", sb.service_user], capture_output=True, text=True, cwd=sb.root)
-    assert done.returncode == EXIT_OK, done.stdout + done.stderr
-    for path in (dest, os.path.join(dest, "PG_VERSION"), os.path.join(dest, "postgresql.auto.conf")):
-        assert os.stat(path).st_uid == sb.uid, path
-    assert not [n for n in os.listdir(sb.backup_dir) if os.stat(os.path.join(sb.backup_dir, n)).st_uid == 0]
-
-
 def test_contentstore_only_pairs_the_first_snapshot_at_or_after_the_point(sandbox):
     sb = sandbox
     env = sb.write_env()
