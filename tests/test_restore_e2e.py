@@ -8,10 +8,8 @@ import glob
 import json
 import os
 import re
-import subprocess
 import time
 
-import pytest
 import wal
 from sandbox import free_port
 
