@@ -4,6 +4,7 @@ Fixtures:
     service_user     (session) the sandbox's ServiceUser; creates the ``alfbackup`` user when run as root
     sandbox          (function) a running Sandbox with default options, destroyed afterwards
     sandbox_factory  (function) ``make(**Sandbox.create kwargs) -> Sandbox``; all destroyed afterwards
+    cron_guard       (function) restores the service user's crontab; serialises crontab writers across runs
 See tests/sandbox.py for the Sandbox API.
 """
 
@@ -48,3 +49,12 @@ def sandbox_factory(service_user):
 @pytest.fixture
 def sandbox(sandbox_factory):
     return sandbox_factory()
+
+
+@pytest.fixture
+def cron_guard(service_user):
+    """The service user's crontab, put back as it was afterwards; other test runs on this machine that also
+    write it wait meanwhile (sandbox.CrontabGuard)."""
+    guard = sandbox_module.CrontabGuard(service_user.name)
+    yield guard
+    guard.release()

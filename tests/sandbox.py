@@ -721,6 +721,40 @@ class Sandbox:
                 shutil.rmtree(self.root, onerror=_force_remove)
 
 
+CRONTAB_LOCK = "/tmp/alfsandbox-crontab.lock"
+
+
+def crontab(user_name):
+    """The crontab text of ``user_name`` ('' when it has none)."""
+    argv = ["crontab", "-u", user_name, "-l"] if _i_am_root() else ["crontab", "-l"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+class CrontabGuard:
+    """Holds an exclusive lock on CRONTAB_LOCK (test runs in other checkouts wait for it: the wizard writes the
+    service user's real crontab) and puts that crontab back as it was on release."""
+
+    def __init__(self, user_name):
+        self.user_name = user_name
+        self._lock = open(CRONTAB_LOCK, "a")
+        try:
+            os.chmod(CRONTAB_LOCK, 0o666)
+        except OSError:
+            pass
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.before = crontab(user_name)
+
+    def release(self):
+        argv = ["crontab", "-u", self.user_name] if _i_am_root() else ["crontab"]
+        if self.before:
+            subprocess.run(argv + ["-"], input=self.before, text=True, check=True)
+        else:
+            subprocess.run(argv + ["-r"], capture_output=True, check=False)
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+
+
 def _sh_quote(text):
     return "'" + text.replace("'", "'\\''") + "'"
 

@@ -12,6 +12,7 @@ import sys
 import pexpect
 import pytest
 import setup_files
+import sandbox as sandbox_module
 import setup_formats
 from sandbox import SAFE_PATH
 
@@ -23,22 +24,7 @@ SETTINGS = ("wal_level", "archive_mode", "archive_command", "max_wal_senders", "
 EXIT_OK, EXIT_ANSWERS, EXIT_INCOMPLETE = 0, 2, 3
 
 
-def crontab(user_name):
-    argv = ["crontab", "-u", user_name, "-l"] if os.geteuid() == 0 else ["crontab", "-l"]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return proc.stdout if proc.returncode == 0 else ""
-
-
-@pytest.fixture
-def cron_guard(service_user):
-    """Puts the service user's crontab back as it was (the wizard writes the real one)."""
-    before = crontab(service_user.name)
-    yield
-    argv = ["crontab", "-u", service_user.name] if os.geteuid() == 0 else ["crontab"]
-    if before:
-        subprocess.run(argv + ["-"], input=before, text=True, check=True)
-    else:
-        subprocess.run(argv + ["-r"], capture_output=True, check=False)
+crontab = sandbox_module.crontab
 
 
 def fresh(sandbox_factory):
