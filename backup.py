@@ -20,6 +20,7 @@ import config
 import email_alert
 import lock
 import runner
+import safe_files
 import status
 import subprocess_utils
 
@@ -64,7 +65,7 @@ def setup_logging(backup_dir, secrets, to_file=True):
     path = None
     if to_file:
         path = os.path.join(backup_dir, "backup-%s.log" % datetime.date.today().isoformat())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = safe_files.open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(fmt)

@@ -16,6 +16,7 @@ import time
 
 import catalog
 import postgres
+import safe_files
 import subprocess_utils
 import tar_io
 import wal
@@ -176,8 +177,8 @@ def take_base_backup(cfg, server, dest_root, name, log):
         os.chmod(os.path.join(partial, member), 0o600)
     for note in plan.notes:
         log.warning(note)
-    os.rename(partial, final)
-    catalog.fsync_dir(dest_root)
+    # On disk before anything says it exists: zstd --rm and 9.x pg_basebackup do not fsync what they write.
+    safe_files.fsync_tree(partial)
     info = {
         "kind": "postgres", "name": name, "status": catalog.WAITING_FOR_WAL,
         "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
@@ -195,7 +196,11 @@ def take_base_backup(cfg, server, dest_root, name, log):
         "files": facts["files"], "size_bytes": sum(facts["files"].values()),
         "database_size_bytes": server.get("database_size"),
     }
+    # Metadata first, then the rename: until the rename the directory reads PARTIAL whatever the .json says,
+    # so a crash in between never leaves a backup directory without metadata.
     catalog.write_info(final, info)
+    os.rename(partial, final)
+    catalog.fsync_dir(dest_root)
     return info
 
 

@@ -17,6 +17,7 @@ import time
 
 import catalog
 import linktree
+import safe_files
 import subprocess_utils
 
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live store
@@ -96,8 +97,9 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         stats, warnings = _run_linktree(source, partial, previous, workers, bool(resumed), backup_dir, log)
     # The snapshot root gets the source's mode from the copy; it stays private.
     os.chmod(partial, 0o700)
-    os.rename(partial, final)
-    catalog.fsync_dir(dest_root)
+    # Every copied file and new directory entry on disk before the snapshot counts: later nights hardlink
+    # these files by size+mtime, so a zero-filled one after a power cut would spread into every snapshot.
+    safe_files.sync_filesystem(partial)
     info = {
         "kind": "contentstore", "name": name, "status": catalog.DONE, "source": source,
         "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
@@ -108,7 +110,9 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         "bytes_linked": (stats.get("bytes_total") or 0) - (stats.get("bytes_copied") or 0),
         "size_bytes": stats.get("bytes_copied"), "warnings": warnings,
     }
-    catalog.write_info(final, info)
+    catalog.write_info(final, info)  # before the rename: see base_backup.take_base_backup
+    os.rename(partial, final)
+    catalog.fsync_dir(dest_root)
     return info
 
 
