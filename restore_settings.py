@@ -120,6 +120,49 @@ def recovery_files(version_num, restore_cmd, target, note, timeline="latest", **
     return RecoveryFiles(None, "recovery.signal", header + render_lines(recovery + extra) + BLOCK_END + "\n")
 
 
+# What a restore writes for recovery: none of it may survive into production (every later base backup would
+# carry it) or be stacked by the next restore ("multiple recovery targets specified", or a target before the new
+# backup's consistent point, and the server refuses to start).
+RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_name", "recovery_target_time",
+                     "recovery_target_xid", "recovery_target_lsn", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_action", "pause_at_recovery_target",
+                     "recovery_end_command", "archive_cleanup_command")
+_SETTING_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(=|\s)")
+
+
+def remove_recovery_settings(conf_text):
+    """(new_text, [names]): ``conf_text`` (a postgresql.auto.conf) without any active line setting one of
+    RECOVERY_SETTINGS, wherever it is (inside a restore.py block or left by ``ALTER SYSTEM``, which rewrites
+    the file without our markers). Pure."""
+    names, out = [], []
+    for line in conf_text.splitlines(True):
+        match = _SETTING_RE.match(line)
+        if match and match.group(1).lower() in RECOVERY_SETTINGS:
+            names.append(match.group(1).lower())
+            continue
+        out.append(line)
+    return "".join(out), names
+
+
+def remove_restore_blocks(conf_text):
+    """``conf_text`` without the blocks an earlier restore.py appended (BLOCK_BEGIN ... BLOCK_END). Pure."""
+    out, inside = [], False
+    for line in conf_text.splitlines(True):
+        if line.startswith(BLOCK_BEGIN):
+            inside = True
+        elif inside and line.rstrip("\n") == BLOCK_END:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "".join(out)
+
+
+def clean_auto_conf(conf_text):
+    """What a restore does to the restored postgresql.auto.conf before appending its own block: earlier
+    blocks and every recovery setting removed, so blocks never stack (pure). Returns (text, [names])."""
+    return remove_recovery_settings(remove_restore_blocks(conf_text))
+
+
 def neutralize_path_settings(conf_text):
     """(new_text, [names]): active data_directory / hba_file / ident_file / external_pid_file lines of a
     restored postgresql.conf commented out, so the copy never uses the original server's files."""
