@@ -82,7 +82,8 @@ def test_a_failed_night_renders_every_metric_with_the_installation_label():
     assert value(samples, "alfresco_backup_last_run_contentstore_linked_bytes") == 3000
     assert value(samples, "alfresco_backup_last_run_database_backup_bytes") == 4096
     assert value(samples, "alfresco_backup_newest_complete_timestamp_seconds", kind="postgres") == 1714529100.0
-    assert "contentstore" not in [lab["kind"] for lab, _ in samples["alfresco_backup_newest_complete_timestamp_seconds"]]
+    newest = samples["alfresco_backup_newest_complete_timestamp_seconds"]
+    assert "contentstore" not in [labels["kind"] for labels, _ in newest]
     assert value(samples, "alfresco_backup_complete_backups", kind="contentstore") == 0
     assert value(samples, "alfresco_backup_wal_ready_segments") == 2
     assert value(samples, "alfresco_backup_wal_chain_ok") == 0 and value(samples, "alfresco_backup_wal_chain_gaps") == 1

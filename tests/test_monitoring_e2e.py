@@ -139,7 +139,8 @@ def test_good_night_failed_night_and_status_ping_write_metrics_and_status(sandbo
         assert printed == status_file(sb) and printed["last_run"]["exit_code"] == 1
         values, installations = metrics_of(prom)
         assert installations == {"acme-prod"}
-        assert metric(values, "alfresco_backup_status") == 2 and metric(values, "alfresco_backup_last_run_exit_code") == 1
+        assert metric(values, "alfresco_backup_status") == 2
+        assert metric(values, "alfresco_backup_last_run_exit_code") == 1
         text = sb.run_cli("backup.py", args=["--status"], env_path=env_path)
         assert "acme-prod: last run FAILED (exit 1)" in text.stdout
         mails = mail.wait(2)
