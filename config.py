@@ -80,7 +80,7 @@ OPTIONS = [
      "Uptime Kuma push...); only scheme and host are ever logged; empty: no pings", True),
     ("PING_STYLE", "choice:healthchecks|exitcode|plain", "healthchecks", False,
      "healthchecks: PING_URL/start, then PING_URL or PING_URL/fail with the log's tail as the body; exitcode: "
-     "PING_URL/<exit code> at the end; plain: one GET of PING_URL?status=up|down&msg=... at the end", False),
+     "PING_URL/<exit code> at the end; plain: one GET of PING_URL?status=up (or down)&msg=... at the end", False),
     ("PING_TIMEOUT", "int", "10", False, "Seconds a ping may take, retries included (at least 1); a monitor "
      "that is down or slow never changes the run's result", False),
     ("PING_CA_FILE", "path", "", False, "Extra CA certificate file for a monitor behind a private CA", False),
