@@ -245,3 +245,26 @@ def test_secrets_are_masked_in_the_body(tmp_path):
     assert "db-pa55word" not in request["body"] and url not in request["body"]
     assert request["body"].count("********") >= 3
     assert os.path.getsize(log_path) > 0
+
+
+def test_monitoring_keys_are_checked_with_their_key_named(tmp_path):
+    base = {"PGUSER": "a", "ALF_BASE_DIR": str(tmp_path), "BACKUP_DIR": str(tmp_path / "b")}
+    with pytest.raises(config.ConfigError) as bad:
+        config.validate(dict(base, METRICS_FILE=str(tmp_path / "no-such-dir" / "a.prom"),
+                             PING_CA_FILE=str(tmp_path / "missing.pem"), PING_STYLE="carrier-pigeon",
+                             INSTALLATION_NAME="x" * 65, PING_TIMEOUT="soon"))
+    keys = [key for key, _message in bad.value.problems]
+    assert sorted(keys) == ["INSTALLATION_NAME", "METRICS_FILE", "PING_CA_FILE", "PING_STYLE", "PING_TIMEOUT"]
+    good = config.validate(dict(base, METRICS_FILE=str(tmp_path / "backup.txt"), INSTALLATION_NAME="Kunde Müller"))
+    assert good.installation_name == "Kunde Müller"
+    assert [key for key, _m in good.warnings if key == "METRICS_FILE"] == ["METRICS_FILE"]  # not *.prom
+
+
+def test_subset_config_keeps_the_usable_ping_settings_of_a_broken_env():
+    raw = {"PGPORT": "five", "PING_URL": "https://hc.example/uuid", "PING_STYLE": "exitcode", "PING_TIMEOUT": "x",
+           "INSTALLATION_NAME": "cust-9"}
+    cfg_, problems = config.subset_config(raw, config.MONITOR_KEYS)
+    assert (cfg_.PING_URL, cfg_.PING_STYLE, cfg_.PING_TIMEOUT, cfg_.INSTALLATION_NAME) == (
+        "https://hc.example/uuid", "exitcode", 10, "cust-9")
+    assert [key for key, _m in problems] == ["PING_TIMEOUT"]
+    assert config.subset_config({"PING_URL": "not a url"}, config.MONITOR_KEYS)[0].PING_URL == ""
