@@ -273,8 +273,8 @@ def _check_paths(values, problems):
             problems.append((name, "file does not exist: %s" % values[name]))
     metrics = values.get("METRICS_FILE")
     if metrics and not os.path.isdir(os.path.dirname(metrics)):
-        problems.append(("METRICS_FILE", "directory does not exist: %s (create it, writable by this user)"
-                         % os.path.dirname(metrics)))
+        problems.append(("METRICS_FILE", "directory does not exist: %s (for %s; create it, writable by this "
+                         "user)" % (os.path.dirname(metrics), metrics)))
 
 
 def root_refusal(env_path, argv):
