@@ -13,13 +13,13 @@ import errno
 import json
 import logging
 import os
-import socket
 import sys
 
 import catalog
 import config
 import email_alert
 import lock
+import monitor
 import postgres
 import restore_db
 import restore_plan
@@ -414,7 +414,7 @@ def cmd_verify(cfg, args):
     stage = {"name": "verify", "status": "OK" if result.ok else "FAILED",
              "duration": result.details["timings"].get("total_s"),
              "detail": result.details["failures"][0] if result.details["failures"] else "restore drill"}
-    subject, body = email_alert.build_report(socket.getfqdn(), result.ok, [stage],
+    subject, body = email_alert.build_report(monitor.mail_host(cfg), result.ok, [stage],
                                              extra_sections=[("Restore drill", result.summary_text)])
     email_alert.notify(cfg, result.ok, subject, body, LOG, secrets=cfg.secrets())
     return EXIT_OK if result.ok else EXIT_FAILED

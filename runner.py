@@ -74,6 +74,8 @@ class Night:
         self.window = None
         self.server = None
         self.verify_summary = None
+        self.snapshot_info = None  # for metrics: copied vs hardlinked bytes
+        self.facts = None  # status.collect() of the wal_health stage, reused by metrics
 
     def stage(self, name, doing, func):
         """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
@@ -209,6 +211,7 @@ class Night:
         info = contentstore.take_snapshot(self.cfg.contentstore_dir, self.cfg.BACKUP_DIR, name, self.log,
                                           timeout=self.cfg.RSYNC_TIMEOUT, method=self.cfg.CONTENTSTORE_METHOD,
                                           workers=max(1, self.cfg.CONTENTSTORE_PARALLEL))
+        self.snapshot_info = info
         stage.size = info.get("bytes_copied")
         stage.detail = "%s: %s files, %s bytes copied, %s bytes hardlinked" % (
             name, info.get("files"), info.get("bytes_copied"), info.get("bytes_linked"))
@@ -255,7 +258,7 @@ class Night:
         return None
 
     def _wal_health(self, stage):
-        facts = status.collect(self.cfg)
+        facts = self.facts = status.collect(self.cfg)
         _state, reasons, window = status.assess(facts, datetime.datetime.now(datetime.timezone.utc),
                                                 self.cfg.BACKUP_MAX_AGE_HOURS, self.cfg.WAL_MAX_AGE_HOURS,
                                                 include_backups=False)

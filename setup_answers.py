@@ -5,6 +5,7 @@ Standard library only.
 
 import getpass
 import os
+import socket
 import stat
 import sys
 
@@ -35,7 +36,7 @@ WIZARD_KEYS = {
 CONFIRM_KEYS = ("KEEP_ENV", "CHANGE_OTHER_SETTINGS", "APPLY_ENV", "APPLY_DIRS", "APPLY_PG_SETTINGS", "APPLY_HBA",
                 "APPLY_ROLE", "APPLY_VENV", "APPLY_CRON")
 BASIC_KEYS = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "BACKUP_DIR", "PG_BIN_DIR", "PGDATA",
-              "CONTENTSTORE_DIR", "WAL_ARCHIVE_DIR")
+              "CONTENTSTORE_DIR", "WAL_ARCHIVE_DIR", "INSTALLATION_NAME")
 YES, NO = ("y", "yes", "true", "on", "1"), ("n", "no", "false", "off", "0")
 
 
@@ -110,7 +111,7 @@ def load_answers(path):
     if unknown:
         raise AnswerError("answers file %s: unknown key(s) %s (known: .env keys, %s)" % (
             path, ", ".join(unknown), ", ".join(list(WIZARD_KEYS) + list(CONFIRM_KEYS))))
-    secret = [k for k in ("PGSUPERPASSWORD", "PGPASSWORD", "SMTP_PASSWORD") if answers.get(k)]
+    secret = [k for k in ["PGSUPERPASSWORD"] + config.SECRET_NAMES if answers.get(k)]
     if secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
         sys.stderr.write("warning: %s holds %s and is readable by other users: chmod 600 %s\n"
                          % (path, ", ".join(secret), path))
@@ -145,6 +146,7 @@ def collect_env(ctx, ui, facts, existing, existing_text):
     """Step 3's questions: ctx.values for the .env (asked, or from answers, detection and the old file)."""
     defaults = {name: default or "" for name, _k, default, _r, _d, _s in config.OPTIONS}
     defaults.update(setup_steps.detected_env(facts))
+    defaults["INSTALLATION_NAME"] = socket.gethostname()  # written out, so a later host rename keeps the name
     defaults.update({k: v for k, v in existing.items() if v})
     if not ui.interactive:
         values = dict(defaults)

@@ -150,16 +150,22 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     return state, reasons, window
 
 
-def report(cfg, as_json=False):
-    """Print the status; return the Nagios exit code."""
+def report(cfg, as_json=False, publish=None):
+    """Print the status; return the Nagios exit code. ``publish(doc)`` (metrics.publish) may complete the
+    document (installation, last run) and write it to the monitoring files; it returns the document."""
     facts = collect(cfg)
     now = datetime.datetime.now(datetime.timezone.utc)
     state, reasons, window = assess(facts, now, cfg.BACKUP_MAX_AGE_HOURS, cfg.WAL_MAX_AGE_HOURS)
+    doc = {"state": STATE_NAMES[state], "reasons": reasons, "window": window, "facts": facts}
+    doc = publish(doc) if publish else doc
     if as_json:
-        print(json.dumps({"state": STATE_NAMES[state], "reasons": reasons, "window": window, "facts": facts},
-                         indent=2, sort_keys=True, default=str))
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
         return state
     print("ALFRESCO BACKUP %s" % STATE_NAMES[state])
+    last = doc.get("last_run")
+    if last:
+        print("  %s: last run %s (exit %s), ended %s" % (doc.get("installation"), last.get("result"),
+                                                         last.get("exit_code"), last.get("ended_at")))
     for kind, info in facts["backups"].items():
         age = _age_hours(info["newest_ended_at"], now)
         print("  %-12s newest %s (%s old), %d complete of %d" % (
