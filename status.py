@@ -98,7 +98,7 @@ def archiver_reason(cfg):
 def _iso(timestamp):
     if timestamp is None:
         return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
 
 
 def _age_hours(iso, now):
@@ -146,7 +146,12 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     window = None
     pg = facts["backups"]["postgres"]
     if pg["oldest_ended_at"] and chain and chain["ok"]:
-        window = {"from": pg["oldest_ended_at"], "to": facts.get("newest_segment_at")}
+        # The backup's last segment can reach the archive before the backup's own checks end: the window then
+        # ends where it starts (as restore_plan.recovery_window says), never before.
+        newest = facts.get("newest_segment_at")
+        ends = catalog.parse_iso(newest), catalog.parse_iso(pg["oldest_ended_at"])
+        window = {"from": pg["oldest_ended_at"],
+                  "to": newest if ends[0] and ends[1] and ends[0] >= ends[1] else pg["oldest_ended_at"]}
     return state, reasons, window
 
 
