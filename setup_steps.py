@@ -79,8 +79,9 @@ class Context:
         """Keep ``text`` (an original file) in setup-backups/<time>/ next to the .env, private to the
         service user, never inside the data directory. Returns the path."""
         if self._backup_dir is None:
-            self._backup_dir = os.path.join(self.env_dir, "setup-backups", self.stamp)
-            setup_safefs.ensure_dir(self._backup_dir, self.service_user)
+            directory = os.path.join(self.env_dir, "setup-backups", self.stamp)
+            setup_safefs.ensure_dir(directory, self.service_user)
+            self._backup_dir = directory
         path = os.path.join(self._backup_dir, name)
         setup_safefs.write_private(path, text, self.service_user)
         return path
