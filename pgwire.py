@@ -10,15 +10,12 @@ user owns (the bundle's ``psql``) runs with it. It speaks only what the wizard n
 - SCRAM-SHA-256 (RFC 5802/7677, the server's signature is verified) and md5 authentication. A request for
   the password in clear text (pg_hba.conf method ``password``) is refused, so a server that is not the real
   one never receives the password itself;
-- the simple query protocol: statements split and variables bound the way psql does (``:'name'`` a literal,
-  ``:"name"`` an identifier, quoted here), results printed as ``psql -A -t`` prints them;
+- the simple query protocol (statements, variables and psql-shaped output: pgtext.py);
 - ``replication=true`` sessions (IDENTIFY_SYSTEM).
 No TLS, no COPY data, no extended protocol.
 
 API: ``login(sock, user, database, password=None, replication=False, timeout=30) -> Session``;
-``Session.query(sql) -> [Result]``; ``Session.close()``; ``statements(sql, variables)``; ``quote_literal``;
-``quote_ident``; ``psql_text(results)``; ``pgpass_password(text, host, port, database, user)``;
-``socket_path(host, port)``; ``peer_uid(sock)``; ``listener_uids(port)``. Errors: PgError, AuthRefused.
+``Session.query(sql) -> [Result]``; ``Session.close()``. Errors: PgError, AuthRefused.
 """
 
 import base64
@@ -26,8 +23,6 @@ import binascii
 import hashlib
 import hmac
 import os
-import re
-import socket
 import stringprep
 import struct
 import unicodedata
@@ -37,7 +32,6 @@ AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINA
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 MAX_MESSAGE = 64 << 20
 MAX_SCRAM_ITERATIONS = 10_000_000  # a server asking more only makes us burn CPU
-DEFAULT_SOCKET_DIRS = ("/tmp", "/var/run/postgresql", "/run/postgresql")  # libpq's compiled-in choices
 
 
 class PgError(Exception):
@@ -327,174 +321,3 @@ def login(sock, user, database, password=None, replication=False, timeout=30,
         sock.close()
         raise
     return session
-
-
-def psql_text(results):
-    """The rows of ``results`` as ``psql -A -t`` prints them: fields joined by '|', NULL empty, one line a row."""
-    return "\n".join("|".join("" if v is None else v for v in row) for result in results for row in result.rows)
-
-
-# ---- SQL text: quoting, variables, statements ---------------------------------------------------------------
-def quote_literal(value):
-    """``value`` as an SQL string literal, right whatever standard_conforming_strings says (E'' with doubled
-    backslashes when it holds one, as psql's :'name' does). Raises ValueError for a NUL character."""
-    text = str(value)
-    if "\0" in text:
-        raise ValueError("a NUL character cannot be sent to PostgreSQL")
-    body = text.replace("'", "''")
-    return " E'%s'" % body.replace("\\", "\\\\") if "\\" in text else "'%s'" % body
-
-
-def quote_ident(value):
-    """``value`` as a double-quoted SQL identifier. Raises ValueError for a NUL character or an empty name."""
-    text = str(value)
-    if "\0" in text or not text:
-        raise ValueError("not usable as an SQL identifier: %r" % text)
-    return '"%s"' % text.replace('"', '""')
-
-
-_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$")
-_VARIABLE = re.compile(r":(['\"])([A-Za-z0-9_]+)\1")
-
-
-def _quoted_end(sql, start, quote, backslash_escapes=False):
-    at = start + 1
-    while at < len(sql):
-        if backslash_escapes and sql[at] == "\\":
-            at += 2
-            continue
-        if sql[at] == quote:
-            if sql[at + 1:at + 2] != quote:
-                return at + 1
-            at += 1
-        at += 1
-    return len(sql)
-
-
-def _comment_end(sql, start):
-    depth, at = 0, start
-    while at < len(sql):
-        pair = sql[at:at + 2]
-        if pair == "/*":
-            depth, at = depth + 1, at + 2
-        elif pair == "*/":
-            depth, at = depth - 1, at + 2
-            if depth == 0:
-                return at
-        else:
-            at += 1
-    return len(sql)
-
-
-def _word_char(char):
-    return char.isalnum() or char in "_$"
-
-
-def statements(sql, variables=None):
-    """The statements of ``sql`` split at top-level semicolons, with ``:'name'`` and ``:"name"`` replaced by
-    the quoted value of ``variables[name]``, the way psql splits and substitutes: never inside a literal, a
-    quoted identifier, a comment or a dollar-quoted body. Raises KeyError for a variable with no value,
-    ValueError for a value that cannot be quoted."""
-    variables = variables or {}
-    found, current, meaningful, depth, at = [], [], False, 0, 0
-    while at < len(sql):
-        char, pair = sql[at], sql[at:at + 2]
-        end, comment = at + 1, False
-        if char == "'":
-            escapes = at > 0 and sql[at - 1] in "eE" and not (at > 1 and _word_char(sql[at - 2]))
-            end = _quoted_end(sql, at, "'", escapes)
-        elif char == '"':
-            end = _quoted_end(sql, at, '"')
-        elif pair == "--":
-            newline = sql.find("\n", at)
-            end, comment = (len(sql) if newline < 0 else newline + 1), True
-        elif pair == "/*":
-            end, comment = _comment_end(sql, at), True
-        elif char == "$" and not (at > 0 and _word_char(sql[at - 1])) and _DOLLAR_TAG.match(sql, at):
-            tag = _DOLLAR_TAG.match(sql, at).group(0)
-            close = sql.find(tag, at + len(tag))
-            end = len(sql) if close < 0 else close + len(tag)
-        elif pair == "::":
-            end = at + 2
-        elif char == ":" and _VARIABLE.match(sql, at):
-            match = _VARIABLE.match(sql, at)
-            value = variables[match.group(2)]
-            current.append(quote_literal(value) if match.group(1) == "'" else quote_ident(value))
-            meaningful, at = True, match.end()
-            continue
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth = max(0, depth - 1)
-        elif char == ";" and depth == 0:
-            if meaningful:
-                found.append(("".join(current) + ";").strip())
-            current, meaningful, at = [], False, at + 1
-            continue
-        current.append(sql[at:end])
-        meaningful = meaningful or (not comment and not sql[at:end].isspace())
-        at = end
-    if meaningful:
-        found.append("".join(current).strip())
-    return found
-
-
-# ---- where to connect, and to whom -----------------------------------------------------------------------------
-def socket_path(directory, port):
-    """The Unix socket PostgreSQL listens on in ``directory`` for ``port``."""
-    return os.path.join(directory, ".s.PGSQL.%d" % int(port))
-
-
-def pgpass_password(text, host, port, database, user):
-    """The password a ~/.pgpass text gives, by libpq's rules (``host:port:database:user:password``, ``*``
-    matches anything, backslash escapes ``:`` and itself, the first matching line wins; a socket directory
-    that is libpq's default also matches ``localhost``; a replication session matches the database
-    ``replication``), or None."""
-    hosts = {host or "localhost"}
-    if host in DEFAULT_SOCKET_DIRS:
-        hosts.add("localhost")
-    wanted = (hosts, {str(port)}, {database}, {user})
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields, field, at = [], "", 0
-        while at < len(line):
-            if line[at] == "\\" and at + 1 < len(line):
-                field, at = field + line[at + 1], at + 2
-                continue
-            if line[at] == ":" and len(fields) < 4:
-                fields.append(field)
-                field = ""
-            else:
-                field += line[at]
-            at += 1
-        fields.append(field)
-        if len(fields) == 5 and all(f == "*" or f in w for f, w in zip(fields[:4], wanted)):
-            return fields[4]
-    return None
-
-
-def peer_uid(sock):
-    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED), or None."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (AttributeError, OSError):
-        return None
-    return struct.unpack("3i", creds)[1]
-
-
-def listener_uids(port):
-    """The uids owning a listening TCP socket on ``port`` (any address), from /proc/net/tcp{,6}; an empty
-    set where that cannot be read."""
-    uids = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 7 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == int(port):
-                uids.add(int(fields[7]))
-    return uids

@@ -1,4 +1,4 @@
-"""The wizard's database sessions (as PGUSER and as the superuser), spoken from this process through pgwire.py.
+"""The wizard's database sessions (as PGUSER and as the superuser), spoken from this process (pgwire.py, pgtext.py).
 
 Why not psql: under sudo the superuser's psql ran as the service user with the password in its environment
 (readable in /proc/<pid>/environ by that user), and it was the bundle's psql, a binary that user owns. Here
@@ -13,18 +13,23 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 
+import pgtext
 import pgwire
 import setup_safefs
 import setup_sys
 from setup_sys import SetupError, parse_bool_row
 
 
+DEFAULT_SOCKET_DIRS = ("/tmp", "/var/run/postgresql", "/run/postgresql")  # libpq's compiled-in choices
+
+
 def default_host(port):
     """libpq's default when PGHOST is empty: the first default socket directory that has the server's socket,
     else localhost."""
-    for directory in ("/var/run/postgresql", "/tmp"):
-        if os.path.exists(pgwire.socket_path(directory, port)):
+    for directory in DEFAULT_SOCKET_DIRS:
+        if os.path.exists(socket_path(directory, port)):
             return directory
     return "localhost"
 
@@ -51,7 +56,7 @@ class Psql:
         """The rows ``sql`` returns as ``psql -A -t`` prints them (values of ``variables`` bound to :'name' and
         :"name", statements split as psql splits them). Raises SetupError naming the role and the server."""
         try:
-            parts = pgwire.statements(sql, variables)
+            parts = pgtext.statements(sql, variables)
         except (KeyError, ValueError) as exc:
             raise SetupError("cannot send %r: %s" % (sql[:80], exc))
         session = self._login(replication, timeout)
@@ -63,7 +68,7 @@ class Psql:
             raise SetupError("SQL as role %s on %s failed: %s" % (self.user, self.where, exc))
         finally:
             session.close()
-        return pgwire.psql_text(results)
+        return pgtext.psql_text(results)
 
     def json(self, sql, variables=None):
         """The single JSON value ``sql`` returns, decoded."""
@@ -92,9 +97,9 @@ class Psql:
 
     def _connect(self, timeout):
         if self.host.startswith("/"):
-            path = pgwire.socket_path(self.host, self.port)
+            path = socket_path(self.host, self.port)
             sock = setup_sys.connect_unix_as(self.os_user or setup_sys.me(), path, timeout)
-            self._check_server(sock, {pgwire.peer_uid(sock)} - {None}, path)
+            self._check_server(sock, {peer_uid(sock)} - {None}, path)
             return sock
         sock = socket.create_connection((self.host, self.port), timeout)
         try:
@@ -102,7 +107,7 @@ class Psql:
         except ValueError:
             local = False
         if local:  # another machine's listeners cannot be seen from here
-            self._check_server(sock, pgwire.listener_uids(self.port), "port %d on this machine" % self.port)
+            self._check_server(sock, listener_uids(self.port), "port %d on this machine" % self.port)
         return sock
 
     def _check_server(self, sock, uids, where):
@@ -127,5 +132,66 @@ class Psql:
             if os.fstat(handle.fileno()).st_mode & 0o077:
                 return None
             text = handle.read(setup_safefs.MAX_TEXT).decode("utf-8", "replace")
-        return pgwire.pgpass_password(text, self.host, self.port, "replication" if replication else self.database,
+        return pgpass_password(text, self.host, self.port, "replication" if replication else self.database,
                                       self.user)
+
+
+# ---- where to connect, and to whom -----------------------------------------------------------------------------
+def socket_path(directory, port):
+    """The Unix socket PostgreSQL listens on in ``directory`` for ``port``."""
+    return os.path.join(directory, ".s.PGSQL.%d" % int(port))
+
+
+def pgpass_password(text, host, port, database, user):
+    """The password a ~/.pgpass text gives, by libpq's rules (``host:port:database:user:password``, ``*``
+    matches anything, backslash escapes ``:`` and itself, the first matching line wins; a socket directory
+    that is libpq's default also matches ``localhost``; a replication session matches the database
+    ``replication``), or None."""
+    hosts = {host or "localhost"}
+    if host in DEFAULT_SOCKET_DIRS:
+        hosts.add("localhost")
+    wanted = (hosts, {str(port)}, {database}, {user})
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields, field, at = [], "", 0
+        while at < len(line):
+            if line[at] == "\\" and at + 1 < len(line):
+                field, at = field + line[at + 1], at + 2
+                continue
+            if line[at] == ":" and len(fields) < 4:
+                fields.append(field)
+                field = ""
+            else:
+                field += line[at]
+            at += 1
+        fields.append(field)
+        if len(fields) == 5 and all(f == "*" or f in w for f, w in zip(fields[:4], wanted)):
+            return fields[4]
+    return None
+
+
+def peer_uid(sock):
+    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED), or None."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return struct.unpack("3i", creds)[1]
+
+
+def listener_uids(port):
+    """The uids owning a listening TCP socket on ``port`` (any address), from /proc/net/tcp{,6}; an empty
+    set where that cannot be read."""
+    uids = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 7 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == int(port):
+                uids.add(int(fields[7]))
+    return uids

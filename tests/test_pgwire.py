@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import pgtext
 import pgwire
 import pytest
 import setup_db
@@ -60,7 +61,7 @@ def test_values_are_quoted_whatever_standard_conforming_strings_says(sandbox, co
     db = session(sandbox)
     for value in TRICKY:
         got = db.run("SET standard_conforming_strings = %s; SELECT :'v' = %s, length(:'v')" % (
-            conforming, pgwire.quote_literal(value)), {"v": value})
+            conforming, pgtext.quote_literal(value)), {"v": value})
         assert got == "t|%d" % len(value), (value, got)
         if value:
             name = db.run('CREATE TEMP TABLE :"n" (x int); SELECT relname FROM pg_class WHERE relname = :\'n\'',
@@ -162,26 +163,26 @@ def test_a_socket_of_another_user_gets_nothing(public_dir, service_user):
 
 # ---- pure parts ----------------------------------------------------------------------------------------------
 def test_statements_split_and_bind_like_psql():
-    split = pgwire.statements("SELECT :'a', :\"b\"; SELECT ':''a''' || $q$:'a';$q$ -- :'a' ;\n; /* ; */ SELECT 1::int",
+    split = pgtext.statements("SELECT :'a', :\"b\"; SELECT ':''a''' || $q$:'a';$q$ -- :'a' ;\n; /* ; */ SELECT 1::int",
                               {"a": "it's", "b": "x"})
     assert split == ["SELECT 'it''s', \"x\";", "SELECT ':''a''' || $q$:'a';$q$ -- :'a' ;\n;",
                      "/* ; */ SELECT 1::int"]
-    assert pgwire.statements("CREATE RULE r AS ON INSERT TO t DO (SELECT 1; SELECT 2);") == [
+    assert pgtext.statements("CREATE RULE r AS ON INSERT TO t DO (SELECT 1; SELECT 2);") == [
         "CREATE RULE r AS ON INSERT TO t DO (SELECT 1; SELECT 2);"]
-    assert pgwire.statements("-- nothing\n ; ;") == []
+    assert pgtext.statements("-- nothing\n ; ;") == []
     with pytest.raises(KeyError):
-        pgwire.statements("SELECT :'missing'")
-    assert pgwire.quote_literal("a\\b'c") == " E'a\\\\b''c'" and pgwire.quote_ident('x"y') == '"x""y"'
+        pgtext.statements("SELECT :'missing'")
+    assert pgtext.quote_literal("a\\b'c") == " E'a\\\\b''c'" and pgtext.quote_ident('x"y') == '"x""y"'
     with pytest.raises(ValueError):
-        pgwire.quote_literal("nul\0")
+        pgtext.quote_literal("nul\0")
 
 
 def test_pgpass_follows_libpq_rules():
     text = "# comment\n/srv/run:5432:alfresco:alfresco:first\nlocalhost:*:*:postgres:p\\:w\\\\x\n*:*:*:*:any\n"
-    assert pgwire.pgpass_password(text, "/srv/run", 5432, "alfresco", "alfresco") == "first"
-    assert pgwire.pgpass_password(text, "/tmp", 5432, "x", "postgres") == "p:w\\x"
-    assert pgwire.pgpass_password(text, "/srv/run", 5432, "x", "postgres") == "any"
-    assert pgwire.pgpass_password("h:1:d:u\n", "h", 1, "d", "u") is None
+    assert setup_db.pgpass_password(text, "/srv/run", 5432, "alfresco", "alfresco") == "first"
+    assert setup_db.pgpass_password(text, "/tmp", 5432, "x", "postgres") == "p:w\\x"
+    assert setup_db.pgpass_password(text, "/srv/run", 5432, "x", "postgres") == "any"
+    assert setup_db.pgpass_password("h:1:d:u\n", "h", 1, "d", "u") is None
 
 
 def test_saslprep_maps_like_rfc_4013():
