@@ -12,6 +12,7 @@ import config
 import setup_db
 import setup_files
 import setup_finish
+import setup_safefs
 import setup_steps
 import setup_sys
 from setup_sys import AnswerError, SetupError
@@ -97,11 +98,12 @@ def load_answers(path):
     """{key: value} from an answers file (.env format: .env keys plus WIZARD_KEYS and CONFIRM_KEYS).
     Raises AnswerError for an unreadable file or an unknown key."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = setup_safefs.read_text(path)  # never through a link, never a FIFO
         mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise AnswerError("cannot read the answers file %s: %s" % (path, exc.strerror))
+    except (OSError, SetupError) as exc:
+        raise AnswerError("cannot read the answers file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
+    if text is None:
+        raise AnswerError("cannot read the answers file %s: No such file or directory" % path)
     try:
         answers = setup_files.parse_env(text, os.environ)
     except setup_files.TextError as exc:
