@@ -22,9 +22,11 @@ def _writable_by_others(info):
 
 def _untrusted_project(project_dir):
     """Under sudo Python runs this project's modules as root: the paths (the project directory, a directory
-    above it, a module, __pycache__ or what it holds) a user other than root could change, as (path, uid)."""
+    above it, a module, __pycache__ or what it holds, the venv this interpreter belongs to) a user other than
+    root could change, as (path, uid)."""
     found = []
-    for start in sorted({project_dir, os.path.realpath(project_dir)}):
+    venv = [sys.prefix] if sys.prefix != sys.base_prefix else []  # its site-packages are imported too
+    for start in sorted({project_dir, os.path.realpath(project_dir)}) + venv:
         probe = start
         while True:
             info = os.lstat(probe)
@@ -54,9 +56,13 @@ if os.geteuid() == 0 and __name__ == "__main__":
         _UNTRUSTED = []
     if _UNTRUSTED:
         _PATH, _UID = _UNTRUSTED[0]
-        _FIX = ("sudo chown -R root:root %s && sudo chmod -R go-w %s" % (PROJECT_DIR, PROJECT_DIR)
-                if _PATH.startswith(PROJECT_DIR) else "move the project into a directory only root can change "
-                "(e.g. /opt), or: sudo chown root:root %s && sudo chmod go-w %s" % (_PATH, _PATH))
+        if sys.prefix != sys.base_prefix and (_PATH + "/").startswith(sys.prefix + "/"):
+            _FIX = "run it with the system interpreter: sudo /usr/bin/python3 %s/setup.py" % PROJECT_DIR
+        elif (_PATH + "/").startswith(PROJECT_DIR + "/"):
+            _FIX = "sudo chown -R root:root %s && sudo chmod -R go-w %s" % (PROJECT_DIR, PROJECT_DIR)
+        else:
+            _FIX = ("move the project into a directory only root can change (e.g. /opt), or: sudo chown root:root %s "
+                    "&& sudo chmod go-w %s" % (_PATH, _PATH))
         sys.stderr.write("setup.py: refusing to run as root: %s can be changed by uid %d%s, so Python would run that "
                          "user's code as root. Fix:\n  %s\nor run setup.py as the service user, without sudo.\n"
                          % (_PATH, _UID, " (and %d more path(s))" % (len(_UNTRUSTED) - 1) if len(_UNTRUSTED) > 1
