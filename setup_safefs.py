@@ -69,6 +69,8 @@ def open_checked(path, owners, flags=os.O_RDONLY, root_ok=True):
             raise UnsafeFile("%s is a symbolic link: setup.py does not follow it (neither PostgreSQL, Alfresco nor "
                              "this program makes one there); remove it, or put the real file in its place" % path)
         raise SetupError("cannot open %s: %s" % (path, exc.strerror))
+    # The descriptor is what is checked, not the path: a parent swapped for a link since can only have led to a
+    # file of an owner allowed here.
     info = os.fstat(fd)
     problem = "is not a regular file" if not stat.S_ISREG(info.st_mode) else _acceptable(info, path, owners, root_ok)
     if problem:
