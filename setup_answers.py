@@ -10,8 +10,10 @@ import stat
 import sys
 
 import config
+import setup_db
 import setup_files
 import setup_finish
+import setup_safefs
 import setup_steps
 import setup_sys
 from setup_sys import AnswerError, SetupError
@@ -22,8 +24,8 @@ WIZARD_KEYS = {
                          "data directory's owner, else you)"),
     "PGSUPERUSER": ("postgres", "PostgreSQL superuser for ALTER SYSTEM/ALTER ROLE ('-': none; then "
                                 "postgresql.conf is edited and the role must already replicate)"),
-    "PGSUPERPASSWORD": ("", "its password (empty: peer/.pgpass; under sudo psql then runs as the OS user "
-                            "of that name when it exists)"),
+    "PGSUPERPASSWORD": ("", "its password (empty: ~/.pgpass or peer authentication, under sudo as the OS "
+                            "user of that name when it exists); never passed to any program"),
     "RESTART_POSTGRES": ("no", "yes: restart PostgreSQL (and Alfresco around it) now when needed; no: print "
                                "the commands for a maintenance window"),
     "CRON_SCHEDULE": ("0 2 * * *", "when the nightly backup runs (cron syntax; '-': no cron entry)"),
@@ -97,11 +99,12 @@ def load_answers(path):
     """{key: value} from an answers file (.env format: .env keys plus WIZARD_KEYS and CONFIRM_KEYS).
     Raises AnswerError for an unreadable file or an unknown key."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = setup_safefs.read_text(path)  # never through a link, never a FIFO
         mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise AnswerError("cannot read the answers file %s: %s" % (path, exc.strerror))
+    except (OSError, SetupError) as exc:
+        raise AnswerError("cannot read the answers file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
+    if text is None:
+        raise AnswerError("cannot read the answers file %s: No such file or directory" % path)
     try:
         answers = setup_files.parse_env(text, os.environ)
     except setup_files.TextError as exc:
@@ -200,9 +203,12 @@ def preflight(ctx, ui, facts):
     if not os.path.isdir(ctx.pgdata):
         raise AnswerError("PGDATA: the data directory %s does not exist" % ctx.pgdata)
     ctx.pg_os_user = setup_sys.owner_of(ctx.pgdata)
+    if ctx.pg_os_user is None or ctx.pg_os_user.uid == 0:
+        raise AnswerError("PGDATA: the data directory %s belongs to %s, but PostgreSQL never runs as root: it "
+                          "belongs to the user PostgreSQL runs as" % (ctx.pgdata, ctx.pg_os_user or "an unknown uid"))
     bundled = facts.get("bin_dir")
-    ctx.bin_dir = cfg.PG_BIN_DIR or bundled or os.path.dirname(setup_sys.find_program("psql") or "/")
-    for program in ("psql", "pg_basebackup"):
+    ctx.bin_dir = cfg.PG_BIN_DIR or bundled or os.path.dirname(setup_sys.find_program("pg_basebackup") or "/")
+    for program in ("pg_basebackup",):  # setup.py itself speaks to the server directly (setup_db.py)
         if not os.access(os.path.join(ctx.bin_dir, program), os.X_OK):
             raise AnswerError("%s not found in %s: set PG_BIN_DIR, or install the client tools of the server's "
                               "version (e.g. sudo apt-get install -y postgresql-client)" % (program, ctx.bin_dir))
@@ -221,6 +227,11 @@ def preflight(ctx, ui, facts):
 
 def _check_places(ctx, cfg):
     user = ctx.service_user
+    if setup_sys.i_am_root() and ctx.env_owner not in (None, 0, user.uid):
+        # Read before the service user was known: its text must not reach that user's new .env or .bak.
+        raise AnswerError("--env: %s belongs to uid %d, not to the service user %s: setup.py does not copy it "
+                          "(chown %s %s, or give another --env)" % (ctx.env_path, ctx.env_owner, user.name,
+                                                                     user.name, ctx.env_path))
     backup = cfg.BACKUP_DIR
     probe = backup
     while not os.path.exists(probe):
@@ -249,9 +260,10 @@ def _check_places(ctx, cfg):
 
 def _connect(ctx, ui):
     values = ctx.values
+    server_uid = ctx.pg_os_user.uid if ctx.pg_os_user else None
     for attempt in range(3):
-        ctx.user_psql = setup_sys.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"],
-                                       values["PGUSER"], values.get("PGPASSWORD"), ctx.service_user)
+        ctx.user_psql = setup_db.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"],
+                                      values["PGUSER"], values.get("PGPASSWORD"), ctx.service_user, server_uid)
         try:
             ctx.server_num = int(ctx.user_psql.run("SHOW server_version_num").strip())
             break
@@ -272,8 +284,8 @@ def _connect(ctx, ui):
                 os_user = setup_sys.User.named(superuser)
             except AnswerError:
                 pass
-        psql = setup_sys.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"], superuser,
-                              password, os_user)
+        psql = setup_db.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"], superuser,
+                             password, os_user, server_uid)
         try:
             (is_super,) = psql.bool_row("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         except SetupError as exc:

@@ -9,6 +9,7 @@ import os
 
 import setup_files
 import setup_formats
+import setup_safefs
 import setup_sys
 import subprocess_utils
 from setup_steps import CHANGED, SKIPPED, UNCHANGED, WOULD
@@ -59,8 +60,11 @@ def conf_path(ctx):
 
 
 def _read_server_file(ctx, path, missing_ok=False):
+    # A link or a file of another user there is refused (UnsafeFile), never read through the server instead.
     try:
-        text = setup_sys.read_text(path)
+        text = setup_safefs.read_checked(path, {ctx.pg_os_user.uid})
+    except setup_safefs.UnsafeFile:
+        raise
     except SetupError:
         text = None
         if ctx.super_psql is None:
@@ -119,9 +123,10 @@ def _alter_system(ctx, changes, auto):
     if not ctx.decide("APPLY_PG_SETTINGS", lines + ["SELECT pg_reload_conf();"]):
         ctx.record("postgresql settings", WOULD if ctx.dry_run else SKIPPED, " ".join(lines))
         return
-    original = _read_server_file(ctx, os.path.join(ctx.pgdata, "postgresql.auto.conf"), missing_ok=True)
+    auto_path = os.path.join(ctx.pgdata, "postgresql.auto.conf")
+    original = _read_server_file(ctx, auto_path, missing_ok=True)
     if original is not None:
-        ctx.auto_conf_copy = ctx.save_copy("postgresql.auto.conf", original)
+        ctx.auto_conf_copy = (auto_path, ctx.save_copy("postgresql.auto.conf", original), original)
     done = []
     try:
         for name, value in changes.items():
@@ -180,13 +185,13 @@ def _edit_conf(ctx, changes, auto):
     if not ctx.server_path(path):
         raise SetupError("cannot edit %s as %s: run setup.py with sudo or give a superuser" % (
             path, setup_sys.me().name))
-    ctx.conf_copy = (path, ctx.save_copy("postgresql.conf", text))
-    setup_sys.rewrite_in_place(path, new_text)
+    ctx.conf_copy = (path, ctx.save_copy("postgresql.conf", text), text)
+    setup_safefs.rewrite_in_place(path, new_text, ctx.pg_os_user.uid)
     ctx.applied.append("edited %s: %s" % (path, ", ".join("%s = %s" % i for i in changes.items())))
     try:
         reload_server(ctx)
     except SetupError as exc:
-        setup_sys.rewrite_in_place(path, text)
+        setup_safefs.rewrite_in_place(path, text, ctx.pg_os_user.uid)
         ctx.applied.pop()
         raise SetupError("reload failed (%s); %s restored from %s" % (exc, path, ctx.conf_copy[1]))
     ctx.record("postgresql settings", CHANGED, "edited %s" % path)
@@ -210,14 +215,14 @@ def hba_step(ctx):
         raise SetupError("cannot edit %s as %s: run setup.py with sudo, or add these lines yourself and reload:"
                          "\n  %s" % (path, setup_sys.me().name, "\n  ".join(added)))
     copy = ctx.save_copy("pg_hba.conf", text)
-    setup_sys.rewrite_in_place(path, new_text)
+    setup_safefs.rewrite_in_place(path, new_text, ctx.pg_os_user.uid)
     try:
         reload_server(ctx)
         errors = _hba_errors(ctx)
         if errors:
             raise SetupError("the server rejects pg_hba.conf: %s" % "; ".join(errors))
     except SetupError as exc:
-        setup_sys.rewrite_in_place(path, text)
+        setup_safefs.rewrite_in_place(path, text, ctx.pg_os_user.uid)
         try:
             reload_server(ctx)
         except SetupError:
