@@ -13,6 +13,7 @@ import sys
 import time
 
 import catalog
+import pg_versions
 import postgres
 import restore_plan
 import restore_settings
@@ -110,8 +111,7 @@ def pg_tool(cfg, name, version_num, newer_ok=False):
     """Path of server tool ``name`` (pg_ctl, pg_verifybackup) of the backup's major version (or, with
     ``newer_ok``, a later one): next to the client tools, else in /usr/lib/postgresql/<major>/bin, else on
     PATH. Raises RestoreError."""
-    label = postgres.version_label(postgres.major_of(version_num)).rsplit(".", 1)[0] \
-        if version_num < 100000 else str(version_num // 10000)
+    label = pg_versions.major_label(version_num)
     candidates = []
     try:
         candidates.append(postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR))
@@ -144,8 +144,7 @@ def data_dir_version(data_dir):
     150000). Raises RestoreError."""
     try:
         with open(os.path.join(data_dir, "PG_VERSION")) as handle:
-            parts = handle.read().strip().split(".")
-        return int(parts[0]) * 10000 + (int(parts[1]) * 100 if len(parts) > 1 else 0)
+            return pg_versions.major_from_label(handle.read())
     except (OSError, ValueError) as exc:
         raise RestoreError("cannot read %s/PG_VERSION: %s" % (data_dir, exc))
 
@@ -248,7 +247,7 @@ def verify_manifest(cfg, base, dest, log):
 
     Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
     manifest = os.path.join(base.path, "backup_manifest")
-    if not os.path.isfile(manifest) or (base.info.get("server_version_num") or 0) < 130000:
+    if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
         return None
     try:
         tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], newer_ok=True)
