@@ -8,12 +8,15 @@ restore_db, restore_full) ask here instead of comparing numbers themselves.
 The oldest supported major is 9.4, the one Alfresco 5.2 bundles. Differences covered:
 
 - names: ``pg_xlog``/``pg_switch_xlog()``/``pg_xlogfile_name()``/``pg_current_xlog_location()`` before 10,
-  ``pg_wal``/``pg_switch_wal()``/``pg_walfile_name()``/``pg_current_wal_lsn()`` from 10;
+  ``pg_wal``/``pg_switch_wal()``/``pg_walfile_name()``/``pg_current_wal_lsn()`` from 10; from 17
+  ``pg_walfile_name()`` of a segment boundary names the next segment (before: the one that ends there),
+  so a WAL switch is always preceded by a record of ours (a restore point): never a no-op switch, whose
+  boundary result would name a segment that is not complete;
 - settings: ``wal_level`` hot_standby before 9.6 (replica from 9.6); ``wal_keep_segments`` up to 12,
   ``wal_keep_size`` from 13 (each refuses the other name); pg_file_settings from 9.5, pg_hba_file_rules from 10;
 - pg_basebackup: ``-X fetch`` for tar before 10 (stream from 10); ``--compress=METHOD`` and server-side
   compression from 15; a 15+ client cannot take tar backups of a server older than 9.5; backup_manifest
-  from 13 on both ends;
+  from 13 on both ends; pg_verifybackup of another major only for backups before 17;
 - recovery: ``recovery.conf`` before 12 (renamed ``recovery.done`` when recovery ends), ``recovery.signal``
   from 12; ``pause_at_recovery_target`` on 9.4, ``recovery_target_action`` from 9.5; LSN targets from 10;
 - the WAL-switch privilege: before 10, ``pg_switch_xlog()`` and ``pg_create_restore_point()`` check for a
@@ -170,6 +173,16 @@ def writes_manifest(client_num, server_num):
 def backup_has_manifest(server_num):
     """True when a backup of this server can carry a manifest that pg_verifybackup checks (13+)."""
     return server_num >= 130000
+
+
+def verifybackup_fits(tool_num, backup_num):
+    """True when pg_verifybackup ``tool_num`` can check a backup of server ``backup_num``: its own major, or a
+    newer tool for backups before 17. From 17 the manifest (version 2) names the system identifier, so the
+    tool reads the backup's pg_control, whose layout is per major: 18's tool says "pg_control: CRC is
+    incorrect" on a 17 backup (found by the version matrix)."""
+    if major_of(tool_num) == major_of(backup_num):
+        return True
+    return backup_num < 170000 and tool_num > backup_num and tool_num >= 130000
 
 
 # ---- recovery ---------------------------------------------------------------------------------------------

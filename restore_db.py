@@ -107,10 +107,10 @@ def restore_command(cfg):
     return restore_settings.restore_command(python, os.path.join(PROJECT_DIR, "wal.py"), cfg.wal_archive_dir)
 
 
-def pg_tool(cfg, name, version_num, newer_ok=False):
+def pg_tool(cfg, name, version_num, newer_ok=False, fits=None):
     """Path of server tool ``name`` (pg_ctl, pg_verifybackup) of the backup's major version (or, with
-    ``newer_ok``, a later one): next to the client tools, else in /usr/lib/postgresql/<major>/bin, else on
-    PATH. Raises RestoreError."""
+    ``newer_ok``, a later one; or one for which ``fits(tool_num, version_num)`` is true): next to the client
+    tools, else in /usr/lib/postgresql/<major>/bin, else on PATH. Raises RestoreError."""
     label = pg_versions.major_label(version_num)
     candidates = []
     try:
@@ -130,8 +130,9 @@ def pg_tool(cfg, name, version_num, newer_ok=False):
         try:
             out = subprocess_utils.run([path, "--version"], subprocess_utils.base_env(), timeout=30,
                                        what="%s --version" % name).stdout
-            found_major, wanted = postgres.major_of(postgres.parse_version_num(out)), postgres.major_of(version_num)
-            if found_major == wanted or (newer_ok and found_major > wanted):
+            found_num = postgres.parse_version_num(out)
+            found_major, wanted = postgres.major_of(found_num), postgres.major_of(version_num)
+            if fits(found_num, version_num) if fits else (found_major == wanted or (newer_ok and found_major > wanted)):
                 return path
         except (subprocess_utils.CommandError, postgres.PostgresError):
             continue
@@ -250,7 +251,7 @@ def verify_manifest(cfg, base, dest, log):
     if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
         return None
     try:
-        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], newer_ok=True)
+        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
         log.warning("%s; the manifest is not checked", exc)
         return None

@@ -212,6 +212,8 @@ def _switch_and_wait(cfg, conn, facts):
     helper = not facts["switch_direct"]
     label = "alfresco-backup-check-%s" % time.strftime("%Y%m%d%H%M%S")
     try:
+        # The restore point first: the switch then always closes a segment (a no-op switch would return a
+        # segment boundary, which pg_walfile_name names as the next, incomplete segment from 17 on).
         postgres.query(conn, pg_versions.restore_point_sql(helper), (label,))
         segment = postgres.query(conn, pg_versions.switch_sql(num, helper))[0][0]
     except psycopg2.Error as exc:

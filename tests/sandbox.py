@@ -41,7 +41,7 @@ API (all paths absolute strings)::
         service_user uid gid home python superuser_password alfresco_password project_dir log_file
         real_pg_bin (the PostgreSQL install pg_bin links to)
         server_major (90400, 150000: from ``postgres --version``), password_method ('md5' or 'scram-sha-256')
-    sb.wal_switch_sql() -> "SELECT pg_walfile_name(pg_switch_wal())" (pg_xlogfile_name(pg_switch_xlog()) on 9.x)
+    sb.switch_wal() -> name of the WAL segment it closed (restore point + pg_switch_wal/pg_switch_xlog)
     sb.start(timeout=60); sb.stop(mode="fast"); sb.restart(); sb.reload(); sb.is_running() -> bool
     sb.postmaster_pid() -> int or None; sb.append_conf(dict or text)   # then restart() or reload()
     sb.psql(sql, db="alfresco", user="alfresco", password=None) -> str   # stdout stripped; SandboxError on failure
@@ -362,11 +362,14 @@ class Sandbox:
         """scram-sha-256 from 10, md5 before (9.x knows no SCRAM)."""
         return "scram-sha-256" if self.server_major >= 100000 else "md5"
 
-    def wal_switch_sql(self):
-        """SQL (for a superuser) closing the current WAL segment and returning its name, on this major."""
+    def switch_wal(self):
+        """Close the current WAL segment (as the superuser; a restore point first, so that the switch is
+        never a no-op, whose boundary position 17+ would name as the next, incomplete segment). Returns the
+        closed segment's name."""
+        self.psql("SELECT pg_create_restore_point('sandbox-switch')", db="postgres", user="postgres")
         if self.server_major >= 100000:
-            return "SELECT pg_walfile_name(pg_switch_wal())"
-        return "SELECT pg_xlogfile_name(pg_switch_xlog())"
+            return self.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
+        return self.psql("SELECT pg_xlogfile_name(pg_switch_xlog())", db="postgres", user="postgres")
 
     @property
     def python(self):

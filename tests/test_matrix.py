@@ -247,7 +247,7 @@ def test_point_in_time_restore_between_two_markers(scenario):
     bases = infos(sb, "postgres", "base")
     assert len(bases) == 2, bases
     # Close the segment the second night ended in so that the archive surely reaches past the moment.
-    segment = sb.psql(sb.wal_switch_sql(), db="postgres", user="postgres")
+    segment = sb.switch_wal()
     assert wal.wait_for_file(sb.wal_archive_dir, segment, 60), segment
     dest = os.path.join(sb.root, "pitr")
     sockets = private_dir(sb, "pitr-run")
@@ -289,6 +289,13 @@ def test_restore_drill_passes_then_fails_naming_a_removed_bin(scenario):
     assert drill.returncode == EXIT_OK, out(drill)
     assert "Restore drill OK" in drill.stdout, out(drill)
     assert not glob.glob(os.path.join(sb.backup_dir, ".verify-*"))
+    server, client = (pg_versions.parse_version_num(v) for v in (scenario.inst.version, scenario.inst.client_version))
+    if "backup_manifest" in expected_files(scenario.inst)[1]:
+        if pg_versions.verifybackup_fits(client, server):
+            assert re.search(r"running: \S+/pg_verifybackup --quiet", drill.stdout), out(drill)
+        else:  # 17 with 18's tools: that pg_verifybackup cannot read 17's pg_control, so it is not used
+            assert "pg_verifybackup of PostgreSQL 17 not found" in drill.stdout, out(drill)
+            assert "the manifest is not checked" in drill.stdout, out(drill)
 
     # The newest snapshot (what the drill of the newest backup pairs) loses one of the new documents' files;
     # the older snapshot never had it, and the hardlinked live contentstore keeps its own link.
@@ -302,6 +309,32 @@ def test_restore_drill_passes_then_fails_naming_a_removed_bin(scenario):
     assert "store://" + rel in broken.stdout, out(broken)
     assert os.path.isfile(os.path.join(sb.contentstore_dir, rel))
     assert not glob.glob(os.path.join(sb.backup_dir, ".verify-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.matrix
+def test_without_the_switch_privilege_check_and_night_say_what_is_missing_and_that_sql_fixes_it(scenario):
+    sb, num = scenario.sb, scenario.num
+    if pg_versions.switch_needs_superuser(num):
+        taken = "REVOKE EXECUTE ON FUNCTION %s FROM alfresco" % pg_versions.HELPER_SWITCH
+    else:
+        taken = "REVOKE EXECUTE ON FUNCTION pg_switch_wal() FROM alfresco"
+    sb.psql(taken, user="postgres")
+    check = cli(sb, "backup.py", "--check", env=scenario.env)
+    assert check.returncode == EXIT_FAILED, out(check)
+    line = next(line for line in check.stdout.splitlines() if line.startswith("FAIL wal_switch"))
+    assert "Run setup.py (with PGSUPERUSER), or as a superuser in database alfresco run: " in line, line
+    if pg_versions.switch_needs_superuser(num):
+        assert "only a superuser may call pg_switch_xlog()" in line and "SECURITY DEFINER" in line, line
+    night = cli(sb, "backup.py", env=scenario.env)  # the nightly backup itself does not need it: a warning
+    assert night.returncode == EXIT_OK, out(night)
+    assert re.search(r"wal_config +WARN .*may not switch WAL", night.stdout), out(night)
+    sb.psql(line.split(" run: ", 1)[1], user="postgres")  # exactly what it said
+    again = cli(sb, "backup.py", "--check", env=scenario.env)
+    assert again.returncode == EXIT_OK, out(again)
+    assert re.search(r"OK +wal_switch .*%s" % re.escape(
+        pg_versions.HELPER_SWITCH if pg_versions.switch_needs_superuser(num) else "pg_switch_wal()"), again.stdout)
+    assert sb.psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'alfresco'", user="postgres") == "f"
 
 
 # ---- the installer itself (fast: no download, no server) ----------------------------------------------
