@@ -180,9 +180,11 @@ def verifybackup_fits(tool_num, backup_num):
     newer tool for backups before 17. From 17 the manifest (version 2) names the system identifier, so the
     tool reads the backup's pg_control, whose layout is per major: 18's tool says "pg_control: CRC is
     incorrect" on a 17 backup (found by the version matrix)."""
+    if not backup_has_manifest(backup_num):
+        return False
     if major_of(tool_num) == major_of(backup_num):
         return True
-    return backup_num < 170000 and tool_num > backup_num and tool_num >= 130000
+    return backup_num < 170000 and tool_num > backup_num
 
 
 # ---- recovery ---------------------------------------------------------------------------------------------

@@ -195,6 +195,9 @@ def test_wizard_sets_up_a_server_that_did_not_archive_and_its_check_passes(scena
         state = json.loads(sb.psql(pg_versions.helper_state_sql()))
         assert pg_versions.helper_problems(scenario.num, state, "alfresco") == [], state
         assert "alfresco_backup.switch_wal()" in wizard.stdout
+        sb.psql("CREATE ROLE matrix_other NOLOGIN", user="postgres")  # another role gets nothing of it
+        with pytest.raises(sandbox_module.SandboxError, match="permission denied for (schema|function)"):
+            sb.psql("SET ROLE matrix_other; SELECT %s" % pg_versions.HELPER_SWITCH, user="postgres")
     else:
         assert switch.startswith("t|"), switch
         assert sb.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'alfresco_backup'") == "0"
@@ -334,6 +337,28 @@ def test_without_the_switch_privilege_check_and_night_say_what_is_missing_and_th
     assert again.returncode == EXIT_OK, out(again)
     assert re.search(r"OK +wal_switch .*%s" % re.escape(
         pg_versions.HELPER_SWITCH if pg_versions.switch_needs_superuser(num) else "pg_switch_wal()"), again.stdout)
+    assert sb.psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'alfresco'", user="postgres") == "f"
+
+
+@pytest.mark.slow
+@pytest.mark.matrix
+def test_on_9x_the_wizard_refuses_a_helper_schema_another_role_owns(pg_install, sandbox_factory, cron_guard):
+    if not pg_versions.switch_needs_superuser(pg_versions.parse_version_num(pg_install.version)):
+        pytest.skip("PostgreSQL %s: a GRANT EXECUTE on the built-in functions is enough, no helper schema"
+                    % pg_install.major)
+    sb = sandbox_factory(pg_bin=pg_install.bin_dir, n_files=1, archive=False, replication=False,
+                         hba_replication=False)
+    sb.psql("CREATE SCHEMA alfresco_backup")  # the backup role owns the database, so it may make schemas
+    env = os.path.join(sb.root, "setup.env")
+    answers = write_answers(sb, os.path.join(sb.root, "answers.env"), ALF_BASE_DIR=sb.alf_base_dir,
+                            BACKUP_DIR=sb.backup_dir, PGSUPERUSER="postgres", PGSUPERPASSWORD=sb.superuser_password,
+                            VENV_DIR=PROJECT_VENV, RESTART_POSTGRES="no", CRON_SCHEDULE="")
+    result = sb.run_cli("setup.py", ["--non-interactive", "--answers", answers], env_path=env, timeout=600)
+    assert result.returncode == EXIT_FAILED, out(result)
+    assert "schema alfresco_backup belongs to alfresco, not to a superuser in database alfresco: drop it (DROP " \
+           "SCHEMA alfresco_backup CASCADE) or give it to a superuser" in result.stdout, out(result)
+    assert sb.psql("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                   "WHERE nspname = 'alfresco_backup'", user="postgres") == "0"
     assert sb.psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'alfresco'", user="postgres") == "f"
 
 
