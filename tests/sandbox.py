@@ -35,7 +35,9 @@ API (all paths absolute strings)::
 
     sb = Sandbox.create(root=None, pg_bin=None, n_files=40, archive=True, archive_command=None,
                         replication=True, hba_replication=True, start=True, extra_conf=None,
-                        alfresco_password=None)        # extra_conf: dict name -> value, or raw text
+                        alfresco_password=None, switch_grants=True)
+        # extra_conf: dict name -> value, or raw text; switch_grants: GRANT EXECUTE on pg_switch_wal() and
+        # pg_create_restore_point() to alfresco (10+; 9.x refuses non-superusers whatever the grants)
     sb = Sandbox.load(root)                            # reattach (another process)
     attributes: root alf_base_dir pgdata pg_bin socket_dir port backup_dir wal_archive_dir contentstore_dir
         service_user uid gid home python superuser_password alfresco_password project_dir log_file
@@ -381,7 +383,7 @@ class Sandbox:
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
     def create(cls, root=None, pg_bin=None, n_files=40, archive=True, archive_command=None, replication=True,
-               hba_replication=True, start=True, extra_conf=None, alfresco_password=None):
+               hba_replication=True, start=True, extra_conf=None, alfresco_password=None, switch_grants=True):
         """Build, initdb, start and fill a sandbox. Returns it (running unless ``start=False``).
 
         Raises SandboxError (the half-built root is removed) when a step fails.
@@ -398,7 +400,7 @@ class Sandbox:
             "wal_archive_dir": os.path.join(root, "backups", "pg_wal"),
             "superuser_password": secrets.token_urlsafe(18),
             "alfresco_password": alfresco_password or "alf-" + secrets.token_urlsafe(15),
-            "replication": replication, "hba_replication": hba_replication,
+            "replication": replication, "hba_replication": hba_replication, "switch_grants": switch_grants,
         }
         if len(os.path.join(root, "run", ".s.PGSQL.65535")) > 100:
             raise SandboxError("sandbox root path too long for a Unix socket: %s" % root)
@@ -568,7 +570,7 @@ class Sandbox:
         # Before 10 these functions refuse non-superusers whatever the grants (setup.py makes a helper there).
         grants = ("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO alfresco;\n"
                   "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO alfresco;\n"
-                  if self.server_major >= 100000 else "")
+                  if self.server_major >= 100000 and self.params.get("switch_grants", True) else "")
         self.psql(grants + "SET ROLE alfresco;\n" + SCHEMA_SQL + self._rows_sql(rows, 1), user="postgres")
 
     @staticmethod

@@ -97,7 +97,7 @@ class Scenario:
 def scenario(pg_install, service_user):
     started = time.monotonic()
     sb = sandbox_module.Sandbox.create(pg_bin=pg_install.bin_dir, n_files=12, archive=False, replication=False,
-                                       hba_replication=False)
+                                       hba_replication=False, switch_grants=False)
     try:
         made = Scenario(pg_install, sb)
         made.seconds["sandbox"] = round(time.monotonic() - started - sum(made.seconds.values()), 1)
@@ -198,8 +198,9 @@ def test_wizard_sets_up_a_server_that_did_not_archive_and_its_check_passes(scena
         sb.psql("CREATE ROLE matrix_other NOLOGIN", user="postgres")  # another role gets nothing of it
         with pytest.raises(sandbox_module.SandboxError, match="permission denied for (schema|function)"):
             sb.psql("SET ROLE matrix_other; SELECT %s" % pg_versions.HELPER_SWITCH, user="postgres")
-    else:
+    else:  # 10+: the wizard granted EXECUTE on the built-ins, which the fresh server did not
         assert switch.startswith("t|"), switch
+        assert "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO alfresco;" in wizard.stdout, out(wizard)
         assert sb.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'alfresco_backup'") == "0"
 
 
@@ -220,6 +221,8 @@ def test_two_nights_and_status(scenario):
     for meta in bases:
         assert meta["status"] == "DONE", meta
         assert meta["compression"] == method, meta
+        server_side = method == "zstd" and pg_versions.server_compression_possible(client, scenario.num)
+        assert meta["compression_location"] == ("server" if server_side else "client"), meta
         assert sorted(meta["files"]) == sorted(files), meta
         assert meta["server_version_num"] == scenario.num, meta
         assert meta["pg_basebackup"] == os.path.join(sb.alf_base_dir, "postgresql", "bin", "pg_basebackup"), meta

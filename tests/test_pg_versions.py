@@ -133,3 +133,12 @@ def test_helper_problems_names_each_deviation(change, problem):
 def test_a_10_body_on_a_9_server_is_something_else():
     state = good_state(V10)
     assert any("does something else" in p for p in v.helper_problems(V94, state, "alfresco"))
+
+
+def test_the_readme_shows_the_helper_sql_the_wizard_runs():
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as handle:
+        readme = handle.read()
+    block = "\n".join(s + ";" for s in v.helper_sql(90400, "alfresco"))
+    assert "```sql\n%s\n```" % block in readme
