@@ -195,6 +195,15 @@ def test_wizard_sets_up_a_server_that_did_not_archive_and_its_check_passes(scena
         state = json.loads(sb.psql(pg_versions.helper_state_sql()))
         assert pg_versions.helper_problems(scenario.num, state, "alfresco") == [], state
         assert "alfresco_backup.switch_wal()" in wizard.stdout
+        # A second run finds the helper as it made it: nothing changes (CRON_SCHEDULE empty: no crontab).
+        again = sb.run_cli("setup.py", ["--non-interactive", "--answers", write_answers(
+            sb, os.path.join(sb.root, "answers-again.env"), ALF_BASE_DIR=sb.alf_base_dir, BACKUP_DIR=sb.backup_dir,
+            PGSUPERUSER="postgres", PGSUPERPASSWORD=sb.superuser_password, VENV_DIR=PROJECT_VENV,
+            RESTART_POSTGRES="yes", CRON_SCHEDULE="")], env_path=scenario.env, timeout=600)
+        assert again.returncode == EXIT_OK, out(again)
+        rerun = again.stdout.split("== Summary ==")[1]
+        assert " changed " not in rerun and re.search(r"replication privilege +unchanged +role alfresco may "
+                                                      r"replicate and switch WAL through", rerun), rerun
         sb.psql("CREATE ROLE matrix_other NOLOGIN", user="postgres")  # another role gets nothing of it
         with pytest.raises(sandbox_module.SandboxError, match="permission denied for (schema|function)"):
             sb.psql("SET ROLE matrix_other; SELECT %s" % pg_versions.HELPER_SWITCH, user="postgres")
