@@ -15,6 +15,7 @@ import threading
 import time
 
 import catalog
+import pg_versions
 import postgres
 import safe_files
 import subprocess_utils
@@ -107,7 +108,7 @@ def check_backup_dir(directory, wal_method, server_num, base_scan=None):
         if wal_members is None:
             raise PostgresError("pg_basebackup streamed WAL but wrote no pg_wal.tar*")
     else:
-        wal_dir = "pg_wal/" if server_num >= 100000 else "pg_xlog/"
+        wal_dir = pg_versions.wal_dir(server_num) + "/"
         wal_members = {k[len(wal_dir):]: v for k, v in members.items() if k.startswith(wal_dir)}
     if facts["start_wal_file"] not in wal_members:
         raise PostgresError("the backup lacks WAL segment %s, where it starts: it could not be restored"

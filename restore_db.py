@@ -13,6 +13,7 @@ import sys
 import time
 
 import catalog
+import pg_versions
 import postgres
 import restore_plan
 import restore_settings
@@ -107,12 +108,11 @@ def restore_command(cfg):
     return restore_settings.restore_command(python, os.path.join(PROJECT_DIR, "wal.py"), cfg.wal_archive_dir)
 
 
-def pg_tool(cfg, name, version_num, newer_ok=False):
+def pg_tool(cfg, name, version_num, newer_ok=False, fits=None):
     """Path of server tool ``name`` (pg_ctl, pg_verifybackup) of the backup's major version (or, with
-    ``newer_ok``, a later one): next to the client tools, else in /usr/lib/postgresql/<major>/bin, else on
-    PATH. Raises RestoreError."""
-    label = postgres.version_label(postgres.major_of(version_num)).rsplit(".", 1)[0] \
-        if version_num < 100000 else str(version_num // 10000)
+    ``newer_ok``, a later one; or one for which ``fits(tool_num, version_num)`` is true): next to the client
+    tools, else in /usr/lib/postgresql/<major>/bin, else on PATH. Raises RestoreError."""
+    label = pg_versions.major_label(version_num)
     candidates = []
     try:
         candidates.append(postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR))
@@ -131,8 +131,9 @@ def pg_tool(cfg, name, version_num, newer_ok=False):
         try:
             out = subprocess_utils.run([path, "--version"], subprocess_utils.base_env(), timeout=30,
                                        what="%s --version" % name).stdout
-            found_major, wanted = postgres.major_of(postgres.parse_version_num(out)), postgres.major_of(version_num)
-            if found_major == wanted or (newer_ok and found_major > wanted):
+            found_num = postgres.parse_version_num(out)
+            found_major, wanted = postgres.major_of(found_num), postgres.major_of(version_num)
+            if fits(found_num, version_num) if fits else (found_major == wanted or (newer_ok and found_major > wanted)):
                 return path
         except (subprocess_utils.CommandError, postgres.PostgresError):
             continue
@@ -145,8 +146,7 @@ def data_dir_version(data_dir):
     150000). Raises RestoreError."""
     try:
         with open(os.path.join(data_dir, "PG_VERSION")) as handle:
-            parts = handle.read().strip().split(".")
-        return int(parts[0]) * 10000 + (int(parts[1]) * 100 if len(parts) > 1 else 0)
+            return pg_versions.major_from_label(handle.read())
     except (OSError, ValueError) as exc:
         raise RestoreError("cannot read %s/PG_VERSION: %s" % (data_dir, exc))
 
@@ -251,10 +251,10 @@ def verify_manifest(cfg, base, dest, log):
 
     Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
     manifest = os.path.join(base.path, "backup_manifest")
-    if not os.path.isfile(manifest) or (base.info.get("server_version_num") or 0) < 130000:
+    if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
         return None
     try:
-        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], newer_ok=True)
+        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
         log.warning("%s; the manifest is not checked", exc)
         return None

@@ -18,6 +18,7 @@ import shutil
 import time
 
 import catalog
+import pg_versions
 import postgres
 import restore_db
 import restore_plan
@@ -241,9 +242,7 @@ def check_restored(plan, log):
         counts = restore_verify.sanity_counts(conn)
         report = restore_verify.check_content(conn, store, filler(store, plan.aside(store), log))
         version = int(postgres.query(conn, "SHOW server_version_num")[0][0])
-        func = "pg_walfile_name(pg_current_wal_lsn())" if version >= 100000 else \
-            "pg_xlogfile_name(pg_current_xlog_location())"
-        timeline = int(postgres.query(conn, "SELECT %s" % func)[0][0][:8], 16)
+        timeline = int(postgres.query(conn, "SELECT %s" % pg_versions.current_wal_file_sql(version))[0][0][:8], 16)
     finally:
         conn.close()
     info = ["rows: " + ", ".join("%s %d" % item for item in counts.items()),

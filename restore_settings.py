@@ -14,6 +14,7 @@ Raises restore_plan.PlanError.
 import collections
 import re
 
+import pg_versions
 from restore_plan import PlanError, format_pg_time
 
 BLOCK_BEGIN = "# ---- begin restore.py"
@@ -40,25 +41,20 @@ def restore_command(python, wal_py, archive_dir):
     return '%s %s archive-get "%%f" "%%p" "%s"' % (parts[0], parts[1], archive_dir.replace("%", "%%"))
 
 
-def wal_dir_name(version_num):
-    """'pg_wal' from PostgreSQL 10 on, 'pg_xlog' before."""
-    return "pg_wal" if version_num >= 100000 else "pg_xlog"
-
-
-def uses_recovery_conf(version_num):
-    return version_num < 120000
+# Kept under their old names: the rules live in pg_versions.
+wal_dir_name = pg_versions.wal_dir
+uses_recovery_conf = pg_versions.uses_recovery_conf
 
 
 def recovery_lines(version_num, restore_cmd, target, timeline="latest"):
     """[(name, value)] of the recovery settings for ``version_num`` (e.g. 90424, 110022, 150004).
 
     Raises PlanError for versions before 9.4 and for an LSN target before 10."""
-    if version_num < 90400:
+    if version_num < pg_versions.OLDEST_SUPPORTED:
         raise PlanError("PostgreSQL %d is older than 9.4: not supported" % version_num)
-    if target.kind == "lsn" and version_num < 100000:
-        raise PlanError("recovery_target_lsn needs PostgreSQL 10 or later (this backup is %d.%d): use "
-                        "--target-time, --target-name or --target-xid" % (version_num // 10000,
-                                                                          version_num // 100 % 100))
+    if target.kind == "lsn" and not pg_versions.supports_lsn_target(version_num):
+        raise PlanError("recovery_target_lsn needs PostgreSQL 10 or later (this backup is %s): use "
+                        "--target-time, --target-name or --target-xid" % pg_versions.major_label(version_num))
     if not re.match(r"^(latest|current|[0-9]+)$", str(timeline)):
         raise PlanError("--timeline must be latest, current or a number, got %r" % timeline)
     lines = [("restore_command", restore_cmd)]
@@ -70,8 +66,7 @@ def recovery_lines(version_num, restore_cmd, target, timeline="latest"):
         lines.append(("recovery_target_%s" % target.kind, str(target.value)))
     if target.kind != "latest":
         # Without this 9.4 pauses (with hot_standby) and 9.5+ defaults to 'pause': never promoting.
-        lines.append(("pause_at_recovery_target", "false") if version_num < 90500
-                     else ("recovery_target_action", "promote"))
+        lines.append(pg_versions.stop_at_target(version_num))
     # 'immediate' needs only the backup's own WAL: following a newer timeline could refuse the backup.
     lines.append(("recovery_target_timeline", "current" if target.kind == "immediate" else str(timeline)))
     return lines

@@ -4,6 +4,7 @@ alfresco-global.properties. No disk access, no programs run (unit-tested in test
 
 import re
 
+import pg_versions
 from setup_files import MARKER, TextError
 
 PASSWORD_METHODS = ("scram-sha-256", "md5", "password")
@@ -59,7 +60,7 @@ def hba_method(text, server_num):
     for method in PASSWORD_METHODS:
         if method in methods:
             return method
-    return "scram-sha-256" if server_num >= 100000 else "md5"
+    return pg_versions.new_hba_password_method(server_num)
 
 
 def hba_role(role):

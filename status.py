@@ -10,6 +10,7 @@ import os
 import time
 
 import catalog
+import pg_versions
 import postgres
 import wal
 import wal_config_check
@@ -198,10 +199,13 @@ def check(cfg, log):
         print("FAIL connection: %s" % exc)
         return 1
     try:
-        checks = wal_config_check.evaluate(wal_config_check.read_settings(conn))
-        results += [(c.status, c.name, c.message) for c in checks]
-        if not wal_config_check.failed(checks):
-            results.append(_switch_and_wait(cfg, conn))
+        facts = wal_config_check.read_settings(conn)
+        checks = wal_config_check.evaluate(facts)
+        # A WAL switch is what --check is for: without the privilege it cannot test anything.
+        results += [("FAIL" if c.name == "wal_switch" and c.status != "OK" else c.status, c.name, c.message)
+                    for c in checks]
+        if not any(r[0] == "FAIL" for r in results):
+            results.append(_switch_and_wait(cfg, conn, facts))
     finally:
         conn.close()
     for status_word, name, message in results:
@@ -210,24 +214,23 @@ def check(cfg, log):
     return 1 if any(r[0] == "FAIL" for r in results) else 0
 
 
-def _switch_and_wait(cfg, conn):
+def _switch_and_wait(cfg, conn, facts):
+    """A restore point and a WAL switch (the built-ins when the role may call them, else, on 9.x, the helper
+    functions setup.py made), then wait for the closed segment in the archive. Returns a result tuple."""
     import psycopg2
 
-    num = int(postgres.query(conn, "SHOW server_version_num")[0][0])
-    switch, walfile = ("pg_switch_wal", "pg_walfile_name") if num >= 100000 else ("pg_switch_xlog",
-                                                                                  "pg_xlogfile_name")
+    num = facts["server_version_num"]
+    helper = not facts["switch_direct"]
     label = "alfresco-backup-check-%s" % time.strftime("%Y%m%d%H%M%S")
     try:
-        postgres.query(conn, "SELECT pg_create_restore_point(%s)", (label,))
-        segment = postgres.query(conn, "SELECT %s(%s())" % (walfile, switch))[0][0]
+        # The restore point first: the switch then always closes a segment (a no-op switch would return a
+        # segment boundary, which pg_walfile_name names as the next, incomplete segment from 17 on).
+        postgres.query(conn, pg_versions.restore_point_sql(helper), (label,))
+        segment = postgres.query(conn, pg_versions.switch_sql(num, helper))[0][0]
     except psycopg2.Error as exc:
-        if num < 100000:  # before 10 these functions check for a superuser themselves: no GRANT helps
-            return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; on PostgreSQL 9.x only a superuser can: "
-                    "run --check with a superuser as PGUSER (e.g. --env pointing at a copy of .env), or wait "
-                    "archive_timeout seconds and look at --status" % (cfg.PGUSER, str(exc).strip()))
-        return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; as a superuser run: GRANT EXECUTE ON "
-                "FUNCTION %s() TO \"%s\"; GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO \"%s\";"
-                % (cfg.PGUSER, str(exc).strip(), switch, cfg.PGUSER, cfg.PGUSER))
+        return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; as a superuser in database %s run: %s (or "
+                "run setup.py)" % (cfg.PGUSER, str(exc).strip(), facts.get("database"), " ".join(
+                    s + ";" for s in pg_versions.switch_fix(num, '"%s"' % cfg.PGUSER.replace('"', '""')))))
     started = time.monotonic()
     if wal.wait_for_file(cfg.wal_archive_dir, segment, cfg.WAL_WAIT_TIMEOUT):
         return ("OK", "wal_archived", "segment %s reached %s in %.1f s" % (
