@@ -36,22 +36,6 @@ EXIT_CODES = {
 LOG = logging.getLogger("backup")
 
 
-class SecretFilter(logging.Filter):
-    """Masks every configured secret in every log record, whatever logged it."""
-
-    def __init__(self, secrets):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record):
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "********")
-            record.msg, record.args = message, None
-        return True
-
-
 def setup_logging(backup_dir, secrets, to_file=True):
     """Log to stdout and (unless ``to_file`` is False) ``BACKUP_DIR/backup-YYYY-MM-DD.log`` (0600).
 
@@ -62,7 +46,7 @@ def setup_logging(backup_dir, secrets, to_file=True):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    secret_filter = SecretFilter(secrets)
+    secret_filter = subprocess_utils.MaskingFilter(secrets)
     handlers = [logging.StreamHandler(sys.stdout)]
     path = None
     if to_file:

@@ -41,17 +41,6 @@ LOG = logging.getLogger("restore")
 REPORT = logging.getLogger("restore.report")  # the log file only: what say() also prints plainly
 
 
-class _Mask(logging.Filter):
-    def __init__(self, secrets):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record):
-        if self.secrets:
-            record.msg, record.args = subprocess_utils.mask(record.getMessage(), self.secrets), None
-        return True
-
-
 def setup_logging(cfg, to_file):
     """INFO to stdout and, with ``to_file``, BACKUP_DIR/restore-YYYY-MM-DD.log (0600). Returns its path."""
     root = logging.getLogger()
@@ -65,7 +54,7 @@ def setup_logging(cfg, to_file):
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.addFilter(_Mask(cfg.secrets()))
+        handler.addFilter(subprocess_utils.MaskingFilter(cfg.secrets()))
         root.addHandler(handler)
     REPORT.propagate = False
     for handler in list(REPORT.handlers):

@@ -56,6 +56,20 @@ def mask(text, secrets):
     return text
 
 
+class MaskingFilter(logging.Filter):
+    """A logging filter that masks every one of ``secrets`` in every record, whatever logged it (the entry points
+    put it on their handlers)."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record):
+        if self.secrets:
+            record.msg, record.args = mask(record.getMessage(), self.secrets), None
+        return True
+
+
 def base_env(extra=None):
     """A minimal explicit environment: PATH, HOME, LANG/LC_ALL (C, so tool output parses), plus ``extra``.
 

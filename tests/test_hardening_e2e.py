@@ -2,7 +2,6 @@
 crashed server had not archived, stale recovery settings, restores against retention, a full disk that heals,
 and what reaches the disk before a backup counts (traced with strace)."""
 
-import contextlib
 import fcntl
 import json
 import os
@@ -162,19 +161,6 @@ def test_retention_never_deletes_what_a_running_restore_reads(sandbox):
 
 # ---- 9: a full disk heals itself ----------------------------------------------------------------------
 
-@contextlib.contextmanager
-def tmpfs(path, size, uid, gid):
-    os.makedirs(path, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d,mode=0700,uid=%d,gid=%d" % (size, uid, gid),
-                              "tmpfs", path], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
-
-
 @root_only
 def test_after_a_no_space_night_retention_still_runs_and_the_next_night_succeeds(sandbox):
     sb = sandbox
@@ -182,7 +168,7 @@ def test_after_a_no_space_night_retention_still_runs_and_the_next_night_succeeds
     sb.psql("CREATE TABLE bulk AS SELECT g, md5(random()::text) || md5(random()::text) AS h "
             "FROM generate_series(1, 300000) g")
     backup_dir = os.path.join(sb.root, "small-disk")
-    with tmpfs(backup_dir, 1 << 30, sb.uid, sb.gid):
+    with faultkit.small_fs(backup_dir, 1 << 30, sb.uid, sb.gid):
         env = sb.write_env(BACKUP_DIR=backup_dir, WAL_ARCHIVE_DIR=sb.wal_archive_dir, RETENTION_DAYS=7,
                            PG_COMPRESSION="none")
         backup(sb, env)
