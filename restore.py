@@ -102,6 +102,10 @@ def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--env", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: .env next to backup.py)")
+    common.add_argument("--from", dest="source", choices=("local", "offsite"), default=argparse.SUPPRESS,
+                        help="where the backups are: local (BACKUP_DIR, the default) or offsite (OFFSITE_REMOTE)")
+    common.add_argument("--staging", metavar="DIR", default=argparse.SUPPRESS,
+                        help="with --from offsite: where downloads go (default BACKUP_DIR/offsite-restore)")
     parser = argparse.ArgumentParser(
         description="Restore an Alfresco server (database and contentstore) from the backups backup.py made.",
         epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +164,10 @@ def main(argv=None):
     if refusal:
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG
+    if getattr(args, "source", "local") == "offsite":  # a new host may have nothing but the .env
+        import offsite_restore
+
+        return offsite_restore.run(env_path, args)
     try:
         cfg = config.load_config(env_path)
     except config.ConfigError as exc:

@@ -161,5 +161,21 @@ class S3Server:
             pass
         return found
 
+    def client(self, *args, data=None):
+        """Run the rclone client (as this process) with the test config: how a test deletes or replaces an
+        object the way an intruder or a failing provider would, through the S3 API (the server caches its
+        directory listings, so editing its data directory directly is not seen at once)."""
+        proc = subprocess.run([rclone_binary(), "--config", self.conf] + list(args), input=data,
+                              capture_output=True, env={"PATH": "/usr/bin:/bin", "HOME": self.root})
+        if proc.returncode != 0:
+            raise RuntimeError("rclone %s failed: %s" % (" ".join(args), proc.stderr.decode(errors="replace")))
+        return proc.stdout
+
+    def delete(self, key, remote=None):
+        self.client("deletefile", "%s/%s" % (remote or "s3test:%s/%s" % (BUCKET, self.prefix), key))
+
+    def put(self, key, data, remote=None):
+        self.client("rcat", "%s/%s" % (remote or "s3test:%s/%s" % (BUCKET, self.prefix), key), data=data)
+
     def request_mark(self):
         return len(self.requests())
