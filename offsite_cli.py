@@ -149,9 +149,9 @@ def retention_main(env_path, dry_run):
     started = time.monotonic()
     try:
         remote = rclone.Remote(cfg, LOG)
-        catalog_ = offsite_retention.read_remote(remote)
-        plan = offsite_retention.plan(catalog_, datetime.datetime.now(), cfg.OFFSITE_RETENTION_DAYS,
-                                      max(1, cfg.OFFSITE_RETENTION_MIN_COUNT))
+        remote_catalog, manifests = offsite_retention.read_remote(remote)
+        plan = offsite_retention.plan(remote_catalog, datetime.datetime.now(), cfg.OFFSITE_RETENTION_DAYS,
+                                      max(1, cfg.OFFSITE_RETENTION_MIN_COUNT), manifests)
         print(plan.format())
         if dry_run:
             return EXIT_OK

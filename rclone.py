@@ -197,6 +197,10 @@ class Remote:
         finally:
             os.unlink(tmp)
 
+    def purge(self, sub):
+        """Delete the directory ``sub`` of the remote with everything in it (retention only)."""
+        self._run("purge", self.path(sub), what="deleting %s" % self.path(sub), timeout=self.timeout)
+
 
 def write_list(rels, directory):
     """A private temporary file with one path per line (rclone's --files-from-raw). Returns its path."""
