@@ -106,6 +106,10 @@ def cron_step(ctx, schedule, python, log_dir):
     marker, entry = setup_formats.cron_entry(schedule, ctx.project_dir, python, os.path.abspath(ctx.env_path),
                                            log_dir)
     new, note = setup_formats.merge_crontab(current, marker, entry)
+    if ctx.values.get("OFFSITE_REMOTE"):  # the off-site copy ships every 5 minutes (README, Off-site copy)
+        offsite = setup_formats.offsite_cron_entry(ctx.project_dir, python, os.path.abspath(ctx.env_path), log_dir)
+        new, _note = setup_formats.merge_crontab(new, *offsite)
+        entry += "\n" + offsite[1]
     if new == current:
         ctx.record("cron", UNCHANGED, note or "the crontab of %s already has the entry" % user.name)
         return

@@ -62,3 +62,17 @@ def test_names_rclone_lists_cannot_carry_are_not_shipped(tmp_path):
     (tmp_path / "bad\udcff.bin".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")).write_bytes(b"")
     files, skipped = offsite.walk_files(str(tmp_path))
     assert files == [("ok.bin", 1)] and len(skipped) == 3
+
+
+def test_setup_adds_the_five_minute_offsite_entry_beside_the_nightly_one_once():
+    import setup_formats
+
+    night = setup_formats.cron_entry("0 2 * * *", "/opt/a", "/opt/a/.venv/bin/python", "/opt/a/.env", "/var/log/ab")
+    ship = setup_formats.offsite_cron_entry("/opt/a", "/opt/a/.venv/bin/python", "/opt/a/.env", "/var/log/ab")
+    assert ship[1].startswith("*/5 * * * * cd '/opt/a' && ") and "backup.py --env '/opt/a/.env' --offsite" in ship[1]
+    assert "offsite-$(date +\\%Y-\\%m-\\%d).log" in ship[1]
+    text, _ = setup_formats.merge_crontab("MAILTO=x\n", *night)
+    text, note = setup_formats.merge_crontab(text, *ship)
+    assert note is None and text.count("backup.py") == 2 and text.startswith("MAILTO=x\n")
+    assert setup_formats.merge_crontab(text, *ship) == (text, None)
+    assert setup_formats.merge_crontab(text, *night) == (text, None)
