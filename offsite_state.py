@@ -158,6 +158,10 @@ class State:
             "SELECT key, size, md5 FROM objects WHERE shipped_at IS NOT NULL AND key >= ? AND key < ?",
             (prefix, prefix + "\uffff"))}
 
+    def count_shipped(self, prefix):
+        return self.db.execute("SELECT count(*) FROM objects WHERE key >= ? AND key < ? AND shipped_at IS NOT NULL",
+                               (prefix, prefix + "\uffff")).fetchone()[0]
+
     def object(self, key):
         row = self.db.execute("SELECT key, size, md5, source, first_set, shipped_at, lost FROM objects WHERE "
                               "key = ?", (key,)).fetchone()

@@ -158,18 +158,20 @@ class Remote:
                 os.unlink(tmp)
 
     # ---- writing ---------------------------------------------------------------------------------
-    def copy_files(self, src_dir, rels, sub, list_dir, on_done, overwrite=False):
+    def copy_files(self, src_dir, rels, sub, list_dir, on_done, overwrite=False, traverse=False):
         """Ship ``rels`` (paths relative to ``src_dir``) to ``sub`` on the remote; see the module docstring.
 
         ``on_done(rel, md5 or None, copied)`` is called (from a reader thread) for every file rclone
         verified. ``overwrite`` (the audit's re-ship only) drops ``--immutable`` so that a corrupted object
-        is replaced. Returns {'errors': {rel: message}, 'fatal': message or None}; never raises for a failed
+        is replaced. ``traverse`` lists the destination instead of one HEAD per file: cheaper only while it
+        holds far fewer objects than are sent (a first upload). Returns {'errors': {rel: message}, 'fatal':
+        message or None}; never raises for a failed
         transfer (the caller records what is done and alerts), only RcloneError when rclone cannot start."""
         tmp = write_list(rels, list_dir)
         sink = _CopyLog(self.log, on_done)
-        args = ["copy", src_dir, self.path(sub), "--files-from-raw", tmp, "--no-traverse", "--checksum",
-                "--transfers", str(self.transfers), "--checkers", str(max(8, self.transfers * 2)),
-                "--stats", "%ds" % self.progress_seconds]
+        args = ["copy", src_dir, self.path(sub), "--files-from-raw", tmp, "--checksum", "--transfers",
+                str(self.transfers), "--checkers", str(max(8, self.transfers * 2)), "--stats",
+                "%ds" % self.progress_seconds] + ([] if traverse else ["--no-traverse"])
         if not overwrite:
             args.append("--immutable")
         if self.bwlimit:

@@ -100,10 +100,11 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
     remote = assert_identical(sb, s3)
     assert len(remote) > len(first)
     requests = assert_only_adds(s3)
-    # The second night sent only what was new: no listing of the bucket (only the empty prefix the
-    # reachability probe asks for), one write per new object.
+    # The second night sent only what was new: nothing that held objects before was listed (only new, empty
+    # prefixes: the reachability probe's, tonight's base backup directory), one write per new object.
     later = requests[mark:]
-    assert not [r for r in later if r[0].startswith("LIST") and not r[1].endswith("/wal/.probe/")], later
+    listed = [key.split("/", 2)[2] for op, key in later if op.startswith("LIST")]
+    assert listed and not [p for p in listed if any(k.startswith(p) for k in first)], listed
     assert len(s3.writes()[written:]) == len(set(remote) - set(first))
     assert "off-site upload" in shipped.stdout
     # Nothing pending: a third run makes no request at all.
@@ -120,7 +121,7 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
 
 def test_a_killed_upload_resumes_without_sending_again(sandbox, s3):
     sb = sandbox
-    sb.add_content(1, date=(2024, 6, 3, 10, 0), size=3 * 1024 * 1024)
+    big = "content/" + sb.add_content(1, date=(2024, 6, 3, 10, 0), size=4 * 1024 * 1024)[0]
     env = sb.write_env(OFFSITE_BWLIMIT="1M", OFFSITE_TRANSFERS=1, **s3.env())
     night(sb, env)
     argv = [sb.python, os.path.join(sb.project_dir, "backup.py"), "--env", env, "--offsite"]
@@ -131,12 +132,16 @@ def test_a_killed_upload_resumes_without_sending_again(sandbox, s3):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            temps = [n for d, _s, names in os.walk(s3.base()) for n in names if n.startswith(".rclone_temp")]
-            if len([k for k in s3.objects() if k.startswith("content/")]) >= 3 and temps:
+            # At 1 MB/s the 4 MB file takes 4 s: kill once the server has begun receiving it (its CREATE
+            # OBJECT request is logged when it starts), with other content files already off-site.
+            started = [k for op, k in s3.requests() if op == "CREATE OBJECT" and k.endswith("/prod/" + big)]
+            if started and big not in s3.objects() and [k for k in s3.objects() if k.startswith("content/")]:
+                time.sleep(1)
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         else:
             pytest.fail("the upload never got going: %s" % open(log.name).read()[-3000:])
+        assert big not in s3.objects()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
