@@ -34,6 +34,7 @@ def rclone_binary():
 class S3Server:
     def __init__(self, owner=None, root=None, prefix="prod"):
         self.root = root or tempfile.mkdtemp(prefix="alfs3-", dir="/tmp")
+        os.makedirs(self.root, exist_ok=True)
         os.chmod(self.root, 0o755)
         self.data = os.path.join(self.root, "data")
         os.makedirs(os.path.join(self.data, BUCKET), exist_ok=True)
@@ -62,8 +63,13 @@ class S3Server:
             os.chown(self.conf, self.owner.uid, self.owner.gid)
 
     def env(self, remote=None):
-        """.env overrides for backup.py: the remote and its config file."""
-        return {"OFFSITE_REMOTE": remote or "s3test:%s/%s" % (BUCKET, self.prefix), "OFFSITE_RCLONE_CONFIG": self.conf}
+        """.env overrides for backup.py: the remote and its config file (and OFFSITE_RCLONE from the environment
+        variable OFFSITE_TEST_RCLONE, e.g. /usr/bin/rclone to test Debian's 1.60 as the client)."""
+        values = {"OFFSITE_REMOTE": remote or "s3test:%s/%s" % (BUCKET, self.prefix),
+                  "OFFSITE_RCLONE_CONFIG": self.conf}
+        if os.environ.get("OFFSITE_TEST_RCLONE"):
+            values["OFFSITE_RCLONE"] = os.environ["OFFSITE_TEST_RCLONE"]
+        return values
 
     def start(self):
         self.proc = subprocess.Popen([rclone_binary(), "serve", "s3", "--addr", "127.0.0.1:%d" % self.port,

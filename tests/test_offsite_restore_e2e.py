@@ -92,7 +92,7 @@ def test_disaster_restore_from_offsite_to_a_point_in_time_and_drill(sandbox, s3)
 
 def test_an_encrypted_offsite_copy_restores_with_only_the_key_and_the_credentials(sandbox, s3):
     sb = sandbox
-    remote = {"OFFSITE_REMOTE": "s3crypt:prod", "OFFSITE_RCLONE_CONFIG": s3.conf}
+    remote = s3.env(remote="s3crypt:prod")
     moment = history(sb, sb.write_env(**remote))
     stored = s3.objects(prefix="crypt")
     assert len(stored) > 10 and not [k for k in stored if "content" in k or "base-" in k or k.endswith(".bin")]
