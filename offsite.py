@@ -18,6 +18,7 @@ metadata is. Nothing here lists the remote: the local record (offsite_state) say
 
 import gzip
 import os
+import time
 
 import catalog
 import lock
@@ -41,6 +42,7 @@ class Run:
         self.failures, self.notes, self.completed = [], [], []
         self.files = self.bytes = 0
         self.probed = False
+        self.flushed = time.monotonic()
 
     # ---- sending ---------------------------------------------------------------------------------
     def send(self, rows, overwrite=False):
@@ -61,11 +63,17 @@ class Run:
         for (src_dir, sub), items in sorted(groups.items()):
             by_rel = {rel: (key, size) for rel, key, size in items}
 
-            def on_done(rel, md5, copied, by_rel=by_rel):
+            marks = []
+
+            def on_done(rel, md5, copied, by_rel=by_rel, marks=marks):
                 key, size = by_rel.get(rel, (None, 0))
                 if key is None:
                     return
-                self.state.mark_shipped(key, md5)
+                marks.append((key, md5))
+                # Recorded in batches, at least every second: a kill loses at most that much, and those files
+                # are then found identical off-site (a HEAD each), never sent again.
+                if len(marks) >= 500 or time.monotonic() - self.flushed > 1.0:
+                    self._flush(marks)
                 done.add(key)
                 if copied:
                     self.files += 1
@@ -76,6 +84,7 @@ class Run:
             traverse = self.state.count_shipped(sub + "/") * 10 < len(by_rel)
             result = self.remote.copy_files(src_dir, sorted(by_rel), sub, self.list_dir, on_done, overwrite,
                                             traverse)
+            self._flush(marks)
             for rel, message in sorted(result["errors"].items()):
                 self.failures.append("%s: %s" % (rclone.join(self.remote.root, sub, rel), message))
             if result["fatal"]:
@@ -89,6 +98,11 @@ class Run:
                     else:
                         self.failures.append("%s: rclone did not confirm the upload" % os.path.join(src_dir, rel))
         return done
+
+    def _flush(self, marks):
+        self.state.mark_many(marks)
+        del marks[:]
+        self.flushed = time.monotonic()
 
     def _vanished(self, key):
         """A source left the local backups before it went off-site: try another snapshot, else it is lost."""
@@ -168,13 +182,13 @@ class Run:
                 self._finish_set(kind, name, info, key_of % name)
 
     def _finish_set(self, kind, name, info, meta_key):
+        lost = self.state.lost_in(name)
+        if lost:  # its metadata must never make it look complete off-site
+            self.state.put_set(kind, name, "incomplete", info)
+            self.failures.append("%s %s is incomplete off-site: %d of its files left the local backups before they "
+                                 "were shipped (e.g. %s)" % (kind, name, len(lost), lost[0]))
+            return
         if kind == "contentstore":
-            lost = self.state.lost_in(name)
-            if lost:
-                self.state.put_set(kind, name, "incomplete", info)
-                self.failures.append("contentstore %s is incomplete off-site: %d of its files left the local "
-                                     "backups before they were shipped (e.g. %s)" % (name, len(lost), lost[0]))
-                return
             if self.state.pending_up_to(name) or self.state.pending("manifests/%s.tsv.gz" % name):
                 return
         elif self.state.pending("%s/%s/" % (kind, name)):

@@ -13,6 +13,8 @@ Raises rclone.RcloneError.
 import datetime
 import json
 import os
+import shutil
+import tempfile
 
 import catalog
 import wal
@@ -55,21 +57,30 @@ def read_catalog(remote, with_content=False, content_hashes=False):
         if not name.startswith(".") and _is_wal(name):
             wal_files[name] = (item.get("Size", 0), _mtime(item.get("ModTime")))
     entries, manifests = {}, {}
-    for kind, folder in META_DIRS.items():
-        entries[kind] = []
-        for item in remote.lsjson(folder):
-            name = item["Path"]
-            if name.endswith(".tsv.gz"):
-                manifests[name[:-len(".tsv.gz")]] = item.get("Size", 0)
-                continue
-            if not name.endswith(".json") or catalog.parse_name_time(name[:-5]) is None:
-                continue
-            try:
-                info = json.loads(remote.read("%s/%s" % (folder, name)).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                info = {}
-            entries[kind].append(_entry(kind, name[:-5], info, remote.path(folder, name[:-5]), wal_files))
-        entries[kind].sort(key=lambda e: (e.taken_at, e.name))
+    scratch = tempfile.mkdtemp(prefix="alfoffsite-meta-")
+    try:
+        for kind, folder in META_DIRS.items():
+            entries[kind], names = [], []
+            for item in remote.lsjson(folder):
+                name = item["Path"]
+                if name.endswith(".tsv.gz"):
+                    manifests[name[:-len(".tsv.gz")]] = item.get("Size", 0)
+                elif name.endswith(".json") and catalog.parse_name_time(name[:-5]) is not None:
+                    names.append(name)
+            if names:  # one rclone call per folder, not one per night
+                remote.download(folder, os.path.join(scratch, folder), rels=names,
+                                what="reading the metadata in %s" % remote.path(folder))
+            for name in names:
+                try:
+                    with open(os.path.join(scratch, folder, name), encoding="utf-8") as handle:
+                        info = json.load(handle)
+                except (OSError, ValueError):
+                    info = {}
+                entries[kind].append(_entry(kind, name[:-5], info if isinstance(info, dict) else {},
+                                            remote.path(folder, name[:-5]), wal_files))
+            entries[kind].sort(key=lambda e: (e.taken_at, e.name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for entry in entries["contentstore"]:
         if entry.name not in manifests and entry.status == catalog.DONE:
             entry.status = catalog.INCOMPLETE  # metadata without its manifest: not restorable

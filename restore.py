@@ -19,6 +19,7 @@ import catalog
 import config
 import email_alert
 import lock
+import offsite_restore
 import postgres
 import restore_db
 import restore_plan
@@ -102,10 +103,7 @@ def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--env", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: .env next to backup.py)")
-    common.add_argument("--from", dest="source", choices=("local", "offsite"), default=argparse.SUPPRESS,
-                        help="where the backups are: local (BACKUP_DIR, the default) or offsite (OFFSITE_REMOTE)")
-    common.add_argument("--staging", metavar="DIR", default=argparse.SUPPRESS,
-                        help="with --from offsite: where downloads go (default BACKUP_DIR/offsite-restore)")
+    offsite_restore.add_arguments(common)  # --from local|offsite, --staging
     parser = argparse.ArgumentParser(
         description="Restore an Alfresco server (database and contentstore) from the backups backup.py made.",
         epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,8 +163,6 @@ def main(argv=None):
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG
     if getattr(args, "source", "local") == "offsite":  # a new host may have nothing but the .env
-        import offsite_restore
-
         return offsite_restore.run(env_path, args)
     try:
         cfg = config.load_config(env_path)

@@ -95,7 +95,10 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
     first = assert_identical(sb, s3)
     mark, written = s3.request_mark(), len(s3.writes())
     sb.add_content(5, date=(2024, 6, 2, 9, 15))
-    night(sb, env)
+    summary = ok(run(sb, env)).stdout  # the night's summary (and mail) shows the off-site state
+    assert "off-site copy %s:" % s3.env()["OFFSITE_REMOTE"] in summary
+    assert "newest complete base backup base-" in summary
+    time.sleep(1)
     shipped = ok(run(sb, env, "--offsite"))
     remote = assert_identical(sb, s3)
     assert len(remote) > len(first)
