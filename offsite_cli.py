@@ -117,13 +117,12 @@ def catalog_size(size):
     return catalog.human_size(size)
 
 
-def remote_config(env_path):
+def remote_config(env_path, optional=("PGUSER", "ALF_BASE_DIR", "BACKUP_DIR")):
     """A Config for commands that read only the remote (retention on another host, a restore on a new one):
-    the keys that need a local installation (PGUSER, ALF_BASE_DIR, BACKUP_DIR) may be missing there.
-    Raises ConfigError."""
+    the ``optional`` keys, which need a local installation, may be missing there. Raises ConfigError."""
     raw = config.read_env_file(env_path)
     for key, filler in (("PGUSER", "-"), ("ALF_BASE_DIR", "/"), ("BACKUP_DIR", "/nonexistent")):
-        if not (raw.get(key) or "").strip():
+        if key in optional and not (raw.get(key) or "").strip():
             raw[key] = filler
     cfg = config.validate(raw, env_path, check_paths=False)
     if cfg.OFFSITE_REMOTE and cfg.OFFSITE_RCLONE_CONFIG and not os.path.isfile(cfg.OFFSITE_RCLONE_CONFIG):

@@ -106,9 +106,12 @@ def run(env_path, args):
     import restore
 
     try:
-        cfg = offsite_cli.remote_config(env_path)
+        # BACKUP_DIR holds the staging directory (unless --staging): required; it need not exist yet.
+        cfg = offsite_cli.remote_config(env_path, ("PGUSER", "ALF_BASE_DIR") + (
+            ("BACKUP_DIR",) if getattr(args, "staging", None) else ()))
         offsite_cli.require_remote(cfg)
-        os.makedirs(cfg.BACKUP_DIR, mode=0o700, exist_ok=True)
+        if not getattr(args, "staging", None):
+            os.makedirs(cfg.BACKUP_DIR, mode=0o700, exist_ok=True)
     except (offsite_cli.config.ConfigError, OSError) as exc:
         LOG.error("%s", exc)
         print(str(exc))
