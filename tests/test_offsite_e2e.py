@@ -150,14 +150,14 @@ def test_a_killed_upload_resumes_without_sending_again(sandbox, s3):
         deadline, first_seen = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             # At 1 MB/s the 4 MB file takes 4 s: kill once rclone has it open (1.75: read from its fds) or the
-            # server has begun receiving it (its CREATE OBJECT is logged when the request starts), with other
-            # content files already off-site. rclone 1.60 reads a small file into memory before sending it and
-            # its requests are logged at their end: there, kill while content is still going out.
+            # server has begun receiving it (its CREATE OBJECT is logged when the request starts); WAL, the base
+            # backup and the config copy are off-site by then. rclone 1.60 reads a small file into memory before
+            # sending it and its requests are logged at their end: there, kill while content is still going out.
             content = [k for k in s3.objects() if k.startswith("content/")]
             first_seen = first_seen or (content and time.monotonic())
             started = reading(proc.pid, big[len("content/"):]) or [
                 k for op, k in s3.requests() if op == "CREATE OBJECT" and k.endswith("/prod/" + big)]
-            if content and big not in s3.objects() and (started or time.monotonic() - first_seen > 3):
+            if big not in s3.objects() and (started or (content and time.monotonic() - first_seen > 3)):
                 time.sleep(1 if started else 0)
                 break
             time.sleep(0.1)
