@@ -21,12 +21,17 @@ ROWS = [
     ("nightly_overhead", "nightly_overhead", "whole nightly run overhead beyond stages", None, "<= 1 s",
      lambda o, b, r: o <= 1.0),
     ("snapshot_full", "snapshot_full", "first contentstore copy (1 sample)", "bare", "-", None),
+    ("offsite_full", "offsite_full", "off-site upload of everything (loopback S3)", "bare", "<= 1.1x",
+     lambda o, b, r: r["ratio"] <= 1.1),
+    ("offsite_1pct", "offsite_1pct", "off-site upload, 1% new night", "bare", "<= 0.5x",
+     lambda o, b, r: r["ratio"] <= 0.5),
 ]
 BARE_TOOLS = {
     "db_backup": "pg_basebackup with our flags", "db_backup_vs_gzip": "pg_basebackup, our flags but -z",
     "snapshot_1pct": "rsync -a --link-dest", "snapshot_nochange": "rsync -a --link-dest",
     "retention_delete": "rm -rf", "restore_drill": "tar -x + postgres until pg_isready",
-    "snapshot_full": "rsync -a",
+    "snapshot_full": "rsync -a", "offsite_full": "rclone copy of the same directories",
+    "offsite_1pct": "rclone copy of the whole snapshot tree",
 }
 
 
