@@ -230,7 +230,7 @@ def cmd_verify(source, args, restore):
     restore.say("Off-site copy %s:\n%s" % (source.cfg.OFFSITE_REMOTE, text))
     stage = {"name": "verify_offsite", "status": "OK" if ok else "FAILED", "duration":
              result.details["timings"].get("total_s"), "detail": failures[0] if failures else "off-site drill"}
-    subject, body = restore.email_alert.build_report(restore.socket.getfqdn(), ok, [stage],
+    subject, body = restore.email_alert.build_report(restore.monitor.mail_host(source.cfg), ok, [stage],
                                                      extra_sections=[("Off-site restore drill", text)])
     restore.email_alert.notify(source.cfg, ok, subject, body, LOG, secrets=source.cfg.secrets())
     return restore.EXIT_OK if ok else restore.EXIT_FAILED

@@ -91,7 +91,8 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
     sb = sandbox
     # One upload at a time: rclone serve s3 sometimes fails one of two PUTs racing into one directory ("Dir.Rename
     # error") after writing it, and the client's retry then writes the same object a second time.
-    env = sb.write_env(OFFSITE_TRANSFERS=1, **s3.env())
+    prom = os.path.join(sb.root, "alfresco_backup.prom")
+    env = sb.write_env(OFFSITE_TRANSFERS=1, METRICS_FILE=prom, **s3.env())
     night(sb, env)
     ok(run(sb, env, "--offsite"))
     first = assert_identical(sb, s3)
@@ -122,6 +123,15 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
     assert off["newest_complete_base"] == sorted(glob.glob(os.path.join(sb.backup_dir, "postgres", "base-*.json")))[
         -1].split("/")[-1][:-5]
     assert off["newest_wal"] and off["remote"] == s3.env()["OFFSITE_REMOTE"]
+    # --status publishes the same state as Prometheus metrics (issue 14's off-site lag).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with open(prom) as handle:
+        samples = {s.name: s.value for family in text_string_to_metric_families(handle.read())
+                   for s in family.samples if s.name.startswith("alfresco_backup_offsite_")}
+    assert samples["alfresco_backup_offsite_pending_files"] == 0 and samples["alfresco_backup_offsite_error"] == 0
+    assert samples["alfresco_backup_offsite_newest_base_timestamp_seconds"] > 0
+    assert "alfresco_backup_offsite_lag_seconds" in samples
 
 
 def reading(pgid, rel):
