@@ -20,7 +20,7 @@ import postgres
 import safe_files
 import subprocess_utils
 import tar_io
-import wal
+import wal_chain
 from postgres import PostgresError, basebackup_plan, unsupported_compression
 
 
@@ -173,7 +173,7 @@ def take_base_backup(cfg, server, dest_root, name, log):
         _remove(partial, log)
         raise PostgresError("pg_basebackup did not report its WAL end point; cannot tell which WAL it needs")
     seg_size = server["wal_segment_size"]
-    start_lsn_int = wal.parse_lsn(facts["start_lsn"])
+    start_lsn_int = wal_chain.parse_lsn(facts["start_lsn"])
     for member in os.listdir(partial):
         os.chmod(os.path.join(partial, member), 0o600)
     for note in plan.notes:
@@ -186,7 +186,7 @@ def take_base_backup(cfg, server, dest_root, name, log):
         "duration_s": round(time.monotonic() - started, 3),
         "start_lsn": facts["start_lsn"], "start_wal_file": facts["start_wal_file"],
         "stop_lsn": stop_lsn,
-        "stop_wal_file": wal.segment_name(facts["timeline"], stop_lsn, seg_size, prev=True),
+        "stop_wal_file": wal_chain.segment_name(facts["timeline"], stop_lsn, seg_size, prev=True),
         "timeline": facts["timeline"],
         "backup_label_file": "%s.%08X.backup" % (facts["start_wal_file"], start_lsn_int % seg_size),
         "wal_segment_size": seg_size,

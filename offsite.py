@@ -24,7 +24,7 @@ import catalog
 import lock
 import offsite_state
 import rclone
-import wal
+import wal_chain
 
 WAL_LOCK_NAME = "offsite-wal.lock"
 MANIFEST_DIR = os.path.join("offsite", "manifests")
@@ -119,7 +119,7 @@ class Run:
     # ---- WAL -------------------------------------------------------------------------------------
     def ship_wal(self):
         archive = self.cfg.wal_archive_dir
-        names = wal.archive_segments(archive) if os.path.isdir(archive) else []
+        names = wal_chain.archive_segments(archive) if os.path.isdir(archive) else []
         keys = {"wal/" + n: n for n in names}
         known = self.state.known(keys)
         self.state.queue([(k, _size(os.path.join(archive, n)), os.path.join(archive, n))

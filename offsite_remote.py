@@ -18,6 +18,7 @@ import tempfile
 
 import catalog
 import wal
+import wal_chain
 
 META_DIRS = {"postgres": "postgres", "config": "config", "contentstore": "manifests"}
 
@@ -121,15 +122,15 @@ def stage(cat, staging):
     return {kind: catalog.list_backups(staging, kind) for kind in catalog.KINDS}
 
 
-def download_wal(remote, cat, start_segment, dest, seg_size=wal.DEFAULT_SEG_SIZE):
+def download_wal(remote, cat, start_segment, dest, seg_size=wal_chain.DEFAULT_SEG_SIZE):
     """Download into ``dest`` every history file and every WAL file from ``start_segment`` on (any timeline):
     what a recovery from a base backup that started there can ask for. Returns the names."""
-    start = wal.segment_number(start_segment, seg_size)
+    start = wal_chain.segment_number(start_segment, seg_size)
     names = []
     for name in cat.wal:
         base = wal.segment_file_base(name) or (name.split(".")[0] if not wal.is_history_name(name) else None)
         if wal.is_history_name(name) or (base and wal.is_segment_name(base) and
-                                         wal.segment_number(base, seg_size) >= start):
+                                         wal_chain.segment_number(base, seg_size) >= start):
             names.append(name)
     os.makedirs(dest, mode=0o700, exist_ok=True)
     if names:

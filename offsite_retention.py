@@ -7,7 +7,7 @@ rules on the remote catalog, with OFFSITE_RETENTION_DAYS and OFFSITE_RETENTION_M
 uploaded (no metadata yet, or a base backup whose last WAL segment is not off-site) are kept unless they
 are older than both the window and the newest complete set. On top of those rules, the **newest complete set**
 (the newest off-site complete base backup that has a complete night taken after it) is always kept, with its
-night and config. WAL goes only below the start segment of the oldest kept base backup (wal.wal_prune_plan).
+night and config. WAL goes only below the start segment of the oldest kept base backup (wal_chain.wal_prune_plan).
 A content object goes only when no kept night's manifest lists it, nor a manifest still being uploaded.
 
 Why that is safe against a shipper running at the same time: the shipper sends a night's manifest before
@@ -23,6 +23,7 @@ import catalog
 import offsite_remote
 import retention
 import wal
+import wal_chain
 
 KEEP, DELETE = retention.KEEP, retention.DELETE
 META_KEY = {"postgres": "postgres/%s.json", "config": "config/%s.json", "contentstore": "manifests/%s.json"}
@@ -114,7 +115,7 @@ def plan(cat, now, days, min_count, manifests):
     if complete and starts and all(isinstance(s, str) and wal.is_segment_name(s) for s in starts):
         wal_keep_from = min(starts)
         labels = {e.info.get("backup_label_file") for e in kept if e.kind == "postgres"} - {None}
-        delete_wal = wal.wal_prune_plan(sorted(cat.wal), wal_keep_from,
+        delete_wal = wal_chain.wal_prune_plan(sorted(cat.wal), wal_keep_from,
                                         keep=labels | {label + ".gz" for label in labels})
     elif complete:
         warnings.append("a kept base backup has no start_wal_file: no WAL is pruned")

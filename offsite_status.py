@@ -14,6 +14,7 @@ import os
 import catalog
 import offsite_state
 import wal
+import wal_chain
 
 KEYS = ("remote", "newest_complete_base", "newest_complete_base_ended_at", "newest_wal", "newest_wal_at",
         "pending_files", "pending_bytes", "last_run_at", "last_ok_at", "last_error")
@@ -38,7 +39,7 @@ def facts(cfg):
                   wal_max_age_hours=cfg.OFFSITE_WAL_MAX_AGE_HOURS,
                   backup_max_age_hours=cfg.OFFSITE_BACKUP_MAX_AGE_HOURS)
     archive = cfg.wal_archive_dir
-    local_wal = wal.archive_segments(archive) if os.path.isdir(archive) else []
+    local_wal = wal_chain.archive_segments(archive) if os.path.isdir(archive) else []
     if not offsite_state.exists(cfg.BACKUP_DIR):
         result["pending_files"] = len(local_wal)
         result["pending_bytes"] = sum(os.path.getsize(os.path.join(archive, n)) for n in local_wal)

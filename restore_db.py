@@ -21,6 +21,7 @@ import safe_files
 import subprocess_utils
 import tar_io
 import wal
+import wal_chain
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -43,7 +44,7 @@ def archive_facts(archive_dir):
     """ArchiveFacts: {segment name: aware mtime} of the archived WAL segments and the newest of them."""
     mtimes = {}
     if os.path.isdir(archive_dir):
-        for name in wal.archive_segments(archive_dir):
+        for name in wal_chain.archive_segments(archive_dir):
             base = name[:-3] if name.endswith(".gz") else name
             if wal.is_segment_name(base):
                 stamp = os.stat(os.path.join(archive_dir, name)).st_mtime
@@ -58,18 +59,18 @@ def datetime_utc(timestamp):
 def chain_from(base, facts):
     """Chain: is the archived WAL continuous from ``base``'s start segment? ``reach_end`` is the time of
     the last segment before the first gap (or of the newest segment)."""
-    seg_size = base.info.get("wal_segment_size") or wal.DEFAULT_SEG_SIZE
+    seg_size = base.info.get("wal_segment_size") or wal_chain.DEFAULT_SEG_SIZE
     start = base.info.get("start_wal_file")
     if not start:
         raise RestoreError("backup %s has no start_wal_file in its metadata" % base.name)
     if not os.path.isdir(facts.archive_dir):
         return Chain(False, start, None, None)
-    report = wal.check_chain(facts.archive_dir, start, seg_size)
+    report = wal_chain.check_chain(facts.archive_dir, start, seg_size)
     if report.ok:
         return Chain(True, None, facts.newest_at, report)
     missing = report.gaps[0][0]
-    limit = wal.segment_number(missing, seg_size)
-    before = [t for n, t in facts.mtimes.items() if wal.segment_number(n, seg_size) < limit]
+    limit = wal_chain.segment_number(missing, seg_size)
+    before = [t for n, t in facts.mtimes.items() if wal_chain.segment_number(n, seg_size) < limit]
     return Chain(False, missing, max(before) if before else None, report)
 
 
@@ -78,7 +79,7 @@ def lineage(archive_dir, timeline):
     ('latest': the highest .history in the archive), or None when any base backup will do."""
     if timeline == "current" or not os.path.isdir(archive_dir):
         return None
-    histories = {int(n[:8], 16): n for n in wal.archive_segments(archive_dir) if wal.is_history_name(n)}
+    histories = {int(n[:8], 16): n for n in wal_chain.archive_segments(archive_dir) if wal.is_history_name(n)}
     if timeline != "latest":
         wanted = int(timeline)
     elif histories:
@@ -87,7 +88,7 @@ def lineage(archive_dir, timeline):
         return None  # no timeline switch ever archived
     result = {wanted: None}
     if wanted in histories:
-        for parent, switch_lsn, _reason in wal.read_history_file(os.path.join(archive_dir, histories[wanted])):
+        for parent, switch_lsn, _reason in wal_chain.read_history_file(os.path.join(archive_dir, histories[wanted])):
             result[parent] = switch_lsn
     return result
 

@@ -26,6 +26,8 @@ import restore_server
 import restore_settings
 import restore_verify
 import subprocess_utils
+import wal
+import wal_chain
 
 ALL_CODES = tuple(range(256))  # alfresco.sh returns non-zero on success at times; its effect is checked instead
 CONFIG_ITEMS = (("keystore", os.path.join("alf_data", "keystore")),
@@ -188,8 +190,7 @@ def rescue_unarchived_wal(old_data, new_data, archive_dir, version_num, log):
     recycled ones, whose stale pages recovery recognises as the end of WAL) are copied into the restored
     ``pg_wal``. Returns {'archived': [names], 'copied': [names]}. Raises RestoreError when one cannot be
     saved: restoring without it would silently lose those commits."""
-    import wal  # the archive_command's own code: the same durable, never-overwriting push
-
+    # wal.archive_push: the archive_command's own code, the same durable, never-overwriting push.
     wal_dir = restore_settings.wal_dir_name(version_num)
     old_wal, new_wal = os.path.join(old_data, wal_dir), os.path.join(new_data, wal_dir)
     saved = {"archived": [], "copied": []}
@@ -197,7 +198,7 @@ def rescue_unarchived_wal(old_data, new_data, archive_dir, version_num, log):
         return saved
     status_dir = os.path.join(old_wal, "archive_status")
     status = set(os.listdir(status_dir)) if os.path.isdir(status_dir) else set()
-    archived = {n[:-3] if n.endswith(".gz") else n for n in wal.archive_segments(archive_dir)} \
+    archived = {n[:-3] if n.endswith(".gz") else n for n in wal_chain.archive_segments(archive_dir)} \
         if os.path.isdir(archive_dir) else set()
     for name in sorted(os.listdir(old_wal)):
         path = os.path.join(old_wal, name)

@@ -19,6 +19,7 @@ import re
 import shlex
 
 import catalog
+import wal_chain
 
 MARGIN = datetime.timedelta(seconds=1)
 TARGET_KINDS = ("latest", "time", "name", "xid", "lsn", "immediate")
@@ -145,12 +146,10 @@ def on_lineage(entry, lineage):
     where the next timeline forked off, or None for the followed timeline}; None = no restriction)."""
     if lineage is None:
         return True
-    from wal import parse_lsn
-
     tli, stop = entry.info.get("timeline") or 1, entry.info.get("stop_lsn")
     if tli not in lineage:
         return False
-    return lineage[tli] is None or (stop is not None and parse_lsn(stop) <= lineage[tli])
+    return lineage[tli] is None or (stop is not None and wal_chain.parse_lsn(stop) <= lineage[tli])
 
 
 def choose_base(bases, target, backup_id=None, newest_wal_at=None, lineage=None):
@@ -199,10 +198,8 @@ def choose_base(bases, target, backup_id=None, newest_wal_at=None, lineage=None)
     if backup_id not in (None, "", "latest"):
         return find_backup(bases, backup_id, "base"), notes
     if target.kind == "lsn":
-        from wal import parse_lsn  # wal.py is stdlib-only and pure in this part
-
-        goal = parse_lsn(target.value)
-        fitting = [e for e in done if e.info.get("stop_lsn") and parse_lsn(e.info["stop_lsn"]) <= goal]
+        goal = wal_chain.parse_lsn(target.value)
+        fitting = [e for e in done if e.info.get("stop_lsn") and wal_chain.parse_lsn(e.info["stop_lsn"]) <= goal]
         if not fitting:
             raise PlanError("LSN %s is before the end of the oldest complete base backup (%s)"
                             % (target.value, done[0].info.get("stop_lsn")))

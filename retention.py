@@ -2,7 +2,7 @@
 
 :func:`plan_retention` is pure: it takes the catalog's entries and returns a :class:`RetentionPlan` with one
 :class:`Decision` per entry, warnings, and the values WAL pruning needs (``wal_keep_from``,
-``keep_backup_labels``; ``wal.wal_prune_plan`` does the pruning). :func:`apply_plan` carries the plan out.
+``keep_backup_labels``; ``wal_chain.wal_prune_plan`` does the pruning). :func:`apply_plan` carries the plan out.
 
 Rules (see :func:`plan_retention`): only DONE backups count; the newest DONE backup of every kind and the
 ``min_count`` newest survive however old they are, so a run of failed nights never empties BACKUP_DIR;

@@ -21,7 +21,7 @@ import retention
 import space
 import status
 import subprocess_utils
-import wal
+import wal_chain
 import wal_config_check
 
 OK, WARN, FAILED, SKIPPED = "OK", "WARN", "FAILED", "SKIPPED"
@@ -232,7 +232,7 @@ class Night:
         info = self.base_info
         path = os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "postgres"), info["name"])
         needed = info["stop_wal_file"]
-        if wal.wait_for_file(self.cfg.wal_archive_dir, needed, self.cfg.WAL_WAIT_TIMEOUT):
+        if wal_chain.wait_for_file(self.cfg.wal_archive_dir, needed, self.cfg.WAL_WAIT_TIMEOUT):
             info["status"] = catalog.DONE
             info["wal_archived_at"] = catalog.utc_now_iso()
             catalog.write_info(path, info)
@@ -355,11 +355,11 @@ def prune_wal(cfg, plan, log):
     """Delete archived WAL older than the oldest kept DONE base backup's start segment. Returns a count."""
     if not plan.wal_keep_from or not os.path.isdir(cfg.wal_archive_dir):
         return 0
-    names = wal.wal_prune_plan(wal.archive_segments(cfg.wal_archive_dir), plan.wal_keep_from,
+    names = wal_chain.wal_prune_plan(wal_chain.archive_segments(cfg.wal_archive_dir), plan.wal_keep_from,
                                keep=plan.keep_backup_labels)
     if names:
         log.info("pruning %d WAL files older than %s", len(names), plan.wal_keep_from)
-    return wal.apply_prune(cfg.wal_archive_dir, names)
+    return wal_chain.apply_prune(cfg.wal_archive_dir, names)
 
 
 class _PrintLog:

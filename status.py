@@ -14,6 +14,7 @@ import offsite_status
 import pg_versions
 import postgres
 import wal
+import wal_chain
 import wal_config_check
 
 STATE_OK, STATE_WARNING, STATE_CRITICAL = 0, 1, 2
@@ -38,7 +39,7 @@ def collect(cfg):
             "wal_segment_size": done[0].info.get("wal_segment_size") if done else None,
         }
     archive = cfg.wal_archive_dir
-    segments = wal.archive_segments(archive) if os.path.isdir(archive) else []
+    segments = wal_chain.archive_segments(archive) if os.path.isdir(archive) else []
     wal_files = [s for s in segments if wal.segment_file_base(s)]
     facts["archive_dir"] = archive
     facts["archive_segments"] = len(wal_files)
@@ -46,7 +47,7 @@ def collect(cfg):
     facts["newest_segment_at"] = _iso(newest_mtime)
     pg = facts["backups"]["postgres"]
     if pg["oldest_start_wal_file"]:
-        report = wal.check_chain(archive, pg["oldest_start_wal_file"], pg["wal_segment_size"] or 16 * 1024 * 1024)
+        report = wal_chain.check_chain(archive, pg["oldest_start_wal_file"], pg["wal_segment_size"] or 16 * 1024 * 1024)
         facts["chain"] = {"ok": report.ok, "first": report.first, "last": report.last,
                           "gaps": [list(g) for g in report.gaps], "segments": report.segments}
     else:
@@ -56,7 +57,7 @@ def collect(cfg):
     except postgres.PostgresError as exc:
         facts["archiver_error"] = str(exc)
     try:
-        facts["backlog"] = wal.ready_backlog(cfg.pgdata)
+        facts["backlog"] = wal_chain.ready_backlog(cfg.pgdata)
     except OSError:
         facts["backlog"] = None  # the data directory may belong to another OS user
     facts["offsite"] = offsite_status.facts(cfg)
@@ -238,7 +239,7 @@ def _switch_and_wait(cfg, conn, facts):
                 "run setup.py)" % (cfg.PGUSER, str(exc).strip(), facts.get("database"), " ".join(
                     s + ";" for s in pg_versions.switch_fix(num, '"%s"' % cfg.PGUSER.replace('"', '""')))))
     started = time.monotonic()
-    if wal.wait_for_file(cfg.wal_archive_dir, segment, cfg.WAL_WAIT_TIMEOUT):
+    if wal_chain.wait_for_file(cfg.wal_archive_dir, segment, cfg.WAL_WAIT_TIMEOUT):
         return ("OK", "wal_archived", "segment %s reached %s in %.1f s" % (
             segment, cfg.wal_archive_dir, time.monotonic() - started))
     return ("FAIL", "wal_archived", "segment %s did not reach %s within %d s%s. Check that the directory is "

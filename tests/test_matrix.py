@@ -29,6 +29,7 @@ import pytest
 import sandbox as sandbox_module
 import setup_files
 import wal
+import wal_chain
 from sandbox import free_port
 
 
@@ -240,7 +241,7 @@ def test_two_nights_and_status(scenario):
         # 9.4 and 10 report wal_segment_size in 8 kB blocks, 11+ in bytes: both must come out as 16 MB.
         assert meta["wal_segment_size"] == SEG_16MB, meta
         assert wal.is_segment_name(meta["start_wal_file"]) and wal.is_segment_name(meta["stop_wal_file"]), meta
-        assert wal.wait_for_file(sb.wal_archive_dir, meta["stop_wal_file"], 0), meta
+        assert wal_chain.wait_for_file(sb.wal_archive_dir, meta["stop_wal_file"], 0), meta
     if method == "gzip" and client >= 150000:  # the fallback is logged as a warning naming both methods
         assert re.search(r"WARNING .*zstd.* not available.*gzip", scenario.second.stdout), out(scenario.second)
     assert all(snap["status"] == "DONE" for snap in snaps), snaps
@@ -263,7 +264,7 @@ def test_point_in_time_restore_between_two_markers(scenario):
     assert len(bases) == 2, bases
     # Close the segment the second night ended in so that the archive surely reaches past the moment.
     segment = sb.switch_wal()
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 60), segment
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 60), segment
     dest = os.path.join(sb.root, "pitr")
     sockets = private_dir(sb, "pitr-run")
     port = free_port()

@@ -8,7 +8,7 @@ import shutil
 import time
 
 import pytest
-import wal
+import wal_chain
 from s3server import S3Server
 from sandbox import free_port
 
@@ -32,7 +32,7 @@ def history(sb, env):
     sb.add_content(3, date=(2024, 7, 1, 8, 0))
     ok(sb.run_cli("backup.py", env_path=env, timeout=300))
     segment = sb.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 60)
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 60)
     ok(sb.run_cli("backup.py", ["--offsite"], env_path=env))
     return moment
 

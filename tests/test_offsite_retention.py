@@ -11,7 +11,7 @@ import offsite_remote
 import offsite_retention
 import pytest
 import sandbox as sandbox_module
-import wal
+import wal_chain
 from s3server import S3Server
 
 NIGHTS = 30
@@ -19,7 +19,7 @@ BASE_NOW = datetime.datetime(2026, 11, 30, 12, 0, 0)
 
 
 def seg(n):
-    return wal.segment_from_number(1, n)
+    return wal_chain.segment_from_number(1, n)
 
 
 def utc(naive):

@@ -26,7 +26,7 @@ import pytest
 import restore_plan
 import restore_settings
 import sandbox as sandbox_module
-import wal
+import wal_chain
 from s3server import S3Server
 from sandbox import free_port
 
@@ -273,7 +273,7 @@ def history(sb, env):
     backup(sb, env)
     sb.psql("INSERT INTO alf_node VALUES (9002, 'later', 1, 'x'), (9003, 'later', 1, 'x')")
     segment = sb.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 60)
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 60)
     facts["count_latest"] = sb.psql("SELECT count(*) FROM alf_node")
     assert facts["count_latest"] != facts["count_at_target"]
     shipped = sb.run_cli("backup.py", ["--offsite"], env_path=env)  # for "I lost the server"
@@ -469,7 +469,7 @@ def test_old_major_blocks_run_on_a_real_server_when_one_is_installed(sandbox_fac
     time.sleep(1)
     sb.psql("INSERT INTO alf_node VALUES (9002, 'later', 1, 'x')")
     segment = sb.switch_wal()
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 60)
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 60)
     block = next(b for b in parse_blocks("RESTORE.md") if b.marker == marker)
     dest, port = os.path.join(sb.root, "old-major"), free_port()
     values = {"BASE": newest(sb, "postgres"), "RESTORE_DIR": dest, "RESTORE_PORT": str(port), "TARGET_TIME": moment,

@@ -10,7 +10,7 @@ import os
 import re
 import time
 
-import wal
+import wal_chain
 from sandbox import free_port
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -31,7 +31,7 @@ def restore(sb, env, *args, **kwargs):
 def switch_wal(sb):
     """Close the current WAL segment (as superuser) and wait until it is archived."""
     segment = sb.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 60), segment
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 60), segment
     return segment
 
 

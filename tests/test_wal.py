@@ -16,6 +16,7 @@ import time
 import pytest
 
 import wal
+import wal_chain
 
 WAL_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "wal.py")
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -24,7 +25,7 @@ SEG1 = "000000010000000000000001"
 
 
 def seg(tli, segno, seg_size=16 * MB):
-    return wal.segment_from_number(tli, segno, seg_size)
+    return wal_chain.segment_from_number(tli, segno, seg_size)
 
 
 def touch(directory, *names):
@@ -45,69 +46,69 @@ def listing(directory):
 # ---------------------------------------------------------------- LSNs and names
 
 def test_parse_and_format_lsn():
-    assert wal.parse_lsn("0/3000028") == 0x3000028
-    assert wal.parse_lsn("16/b374d848") == (0x16 << 32) | 0xB374D848
-    assert wal.parse_lsn(" FFFFFFFF/FFFFFFFF\n") == (1 << 64) - 1
-    assert wal.format_lsn(0x3000028) == "0/3000028"
-    assert wal.format_lsn((0x16 << 32) | 0xB374D848) == "16/B374D848"
+    assert wal_chain.parse_lsn("0/3000028") == 0x3000028
+    assert wal_chain.parse_lsn("16/b374d848") == (0x16 << 32) | 0xB374D848
+    assert wal_chain.parse_lsn(" FFFFFFFF/FFFFFFFF\n") == (1 << 64) - 1
+    assert wal_chain.format_lsn(0x3000028) == "0/3000028"
+    assert wal_chain.format_lsn((0x16 << 32) | 0xB374D848) == "16/B374D848"
     for text in ("", "3000028", "0/", "1/2/3", "G/0", "100000000/0", None):
         with pytest.raises(ValueError):
-            wal.parse_lsn(text)
+            wal_chain.parse_lsn(text)
     with pytest.raises(ValueError):
-        wal.format_lsn(-1)
+        wal_chain.format_lsn(-1)
 
 
 def test_segment_name_16mb():
-    assert wal.segments_per_log(16 * MB) == 256
-    assert wal.segment_name(1, "0/3000028") == "000000010000000000000003"
-    assert wal.segment_name(1, "0/3000000") == "000000010000000000000003"
+    assert wal_chain.segments_per_log(16 * MB) == 256
+    assert wal_chain.segment_name(1, "0/3000028") == "000000010000000000000003"
+    assert wal_chain.segment_name(1, "0/3000000") == "000000010000000000000003"
     # pg_walfile_name / backup stop semantics: an LSN exactly at a boundary belongs to the previous segment.
-    assert wal.segment_name(1, "0/3000000", prev=True) == "000000010000000000000002"
-    assert wal.segment_name(1, "0/3000001", prev=True) == "000000010000000000000003"
-    assert wal.segment_name(2, "1/A8000000", prev=True) == "0000000200000001000000A7"
-    assert wal.segment_name(1, "1/0", prev=True) == "0000000100000000000000FF"
-    assert wal.segment_name(1, "0/FFFFFFFF") == "0000000100000000000000FF"
-    assert wal.segment_name(1, "1/0") == "000000010000000100000000"
-    assert wal.segment_name(0x1A, (0x2B << 32) | 0xC5000000) == "0000001A0000002B000000C5"
+    assert wal_chain.segment_name(1, "0/3000000", prev=True) == "000000010000000000000002"
+    assert wal_chain.segment_name(1, "0/3000001", prev=True) == "000000010000000000000003"
+    assert wal_chain.segment_name(2, "1/A8000000", prev=True) == "0000000200000001000000A7"
+    assert wal_chain.segment_name(1, "1/0", prev=True) == "0000000100000000000000FF"
+    assert wal_chain.segment_name(1, "0/FFFFFFFF") == "0000000100000000000000FF"
+    assert wal_chain.segment_name(1, "1/0") == "000000010000000100000000"
+    assert wal_chain.segment_name(0x1A, (0x2B << 32) | 0xC5000000) == "0000001A0000002B000000C5"
     with pytest.raises(ValueError):
-        wal.segment_name(1, "0/0", prev=True)
+        wal_chain.segment_name(1, "0/0", prev=True)
     with pytest.raises(ValueError):
-        wal.segment_name(0, "0/3000028")
+        wal_chain.segment_name(0, "0/3000028")
 
 
 def test_segment_name_other_sizes_match_postgresql():
     # Expected values printed by PostgreSQL 15 pg_walfile_name() on an initdb --wal-segsize=64 cluster.
     size = 64 * MB
-    assert wal.segments_per_log(size) == 64
-    assert wal.segment_name(1, "1/0", size, prev=True) == "00000001000000000000003F"
-    assert wal.segment_name(1, "1/4000000", size, prev=True) == "000000010000000100000000"
-    assert wal.segment_name(1, "0/C000028", size, prev=True) == "000000010000000000000003"
-    assert wal.segment_name(1, "0/C000000", size, prev=True) == "000000010000000000000002"
-    assert wal.segment_name(1, "A/FC000001", size, prev=True) == "000000010000000A0000003F"
-    assert wal.segments_per_log(1024 * MB) == 4
-    assert wal.segment_name(3, "2/C0000000", 1024 * MB) == "000000030000000200000003"
-    assert wal.segments_per_log(1 * MB) == 4096
-    assert wal.segment_name(1, "0/FFFFFFFF", 1 * MB) == "000000010000000000000FFF"
+    assert wal_chain.segments_per_log(size) == 64
+    assert wal_chain.segment_name(1, "1/0", size, prev=True) == "00000001000000000000003F"
+    assert wal_chain.segment_name(1, "1/4000000", size, prev=True) == "000000010000000100000000"
+    assert wal_chain.segment_name(1, "0/C000028", size, prev=True) == "000000010000000000000003"
+    assert wal_chain.segment_name(1, "0/C000000", size, prev=True) == "000000010000000000000002"
+    assert wal_chain.segment_name(1, "A/FC000001", size, prev=True) == "000000010000000A0000003F"
+    assert wal_chain.segments_per_log(1024 * MB) == 4
+    assert wal_chain.segment_name(3, "2/C0000000", 1024 * MB) == "000000030000000200000003"
+    assert wal_chain.segments_per_log(1 * MB) == 4096
+    assert wal_chain.segment_name(1, "0/FFFFFFFF", 1 * MB) == "000000010000000000000FFF"
     for bad in (0, 8 * MB + 1, 3 * MB, 2048 * MB, 512 * 1024):
         with pytest.raises(ValueError):
-            wal.segments_per_log(bad)
+            wal_chain.segments_per_log(bad)
 
 
 def test_segment_number_roundtrip_and_limits():
     for size in (1 * MB, 16 * MB, 64 * MB, 1024 * MB):
-        per_log = wal.segments_per_log(size)
+        per_log = wal_chain.segments_per_log(size)
         for segno in (0, 1, per_log - 1, per_log, per_log + 1, 5 * per_log + 3, 0xFFFFFFFF * per_log):
-            name = wal.segment_from_number(7, segno, size)
-            assert wal.segment_number(name, size) == segno
+            name = wal_chain.segment_from_number(7, segno, size)
+            assert wal_chain.segment_number(name, size) == segno
             assert wal.parse_segment_name(name)[0] == 7
     # Seg 0x40 does not exist with 64 MB segments (0..0x3F per log).
     with pytest.raises(ValueError):
-        wal.segment_number("000000010000000000000040", 64 * MB)
-    assert wal.segment_number("000000010000000000000040", 16 * MB) == 0x40
+        wal_chain.segment_number("000000010000000000000040", 64 * MB)
+    assert wal_chain.segment_number("000000010000000000000040", 16 * MB) == 0x40
     with pytest.raises(ValueError):
-        wal.segment_number("00000001.history")
+        wal_chain.segment_number("00000001.history")
     with pytest.raises(ValueError):
-        wal.segment_from_number(1, -1)
+        wal_chain.segment_from_number(1, -1)
 
 
 def test_name_predicates():
@@ -131,7 +132,7 @@ def test_read_history_file(tmp_path):
     path = tmp_path / "00000003.history"
     path.write_text("# written by hand\n\n1\t0/7000000\tno recovery target specified\n"
                     "2\t1/A8000060\tbefore 2024-05-01 10:00:00+00 with spaces\n3 2/0\n")
-    assert wal.read_history_file(str(path)) == [
+    assert wal_chain.read_history_file(str(path)) == [
         (1, 0x7000000, "no recovery target specified"),
         (2, (1 << 32) | 0xA8000060, "before 2024-05-01 10:00:00+00 with spaces"),
         (3, 2 << 32, ""),
@@ -139,11 +140,11 @@ def test_read_history_file(tmp_path):
     gz = tmp_path / "00000002.history.gz"
     with gzip.open(str(gz), "wt") as handle:
         handle.write("1\t0/5000000\tpromoted\n")
-    assert wal.read_history_file(str(gz)) == [(1, 0x5000000, "promoted")]
+    assert wal_chain.read_history_file(str(gz)) == [(1, 0x5000000, "promoted")]
     bad = tmp_path / "00000004.history"
     bad.write_text("1\t0/7000000\tok\nthis is not a history line\n")
     with pytest.raises(ValueError, match="line 2"):
-        wal.read_history_file(str(bad))
+        wal_chain.read_history_file(str(bad))
 
 
 # ---------------------------------------------------------------- chain check
@@ -151,17 +152,17 @@ def test_read_history_file(tmp_path):
 def test_chain_single_timeline_complete_across_log_boundary(tmp_path):
     touch(tmp_path, *[seg(1, n) for n in range(250, 262)])
     touch(tmp_path, ".%s.tmp.123" % seg(1, 262), "notes.txt", seg(1, 249) + ".00000028.backup")
-    report = wal.check_chain(str(tmp_path), seg(1, 250))
+    report = wal_chain.check_chain(str(tmp_path), seg(1, 250))
     assert report.ok and report.gaps == []
     assert (report.first, report.last) == ("0000000100000000000000FA", "000000010000000100000005")
     assert report.segments == 12 and report.timelines == [1]
     # A start later in the chain counts from there; older segments are not part of it.
-    assert wal.check_chain(str(tmp_path), seg(1, 255)).segments == 7
+    assert wal_chain.check_chain(str(tmp_path), seg(1, 255)).segments == 7
 
 
 def test_chain_reports_gaps_precisely(tmp_path):
     touch(tmp_path, *[seg(1, n) for n in (3, 4, 8, 9, 11)])
-    report = wal.check_chain(str(tmp_path), seg(1, 2))
+    report = wal_chain.check_chain(str(tmp_path), seg(1, 2))
     assert not report.ok
     assert report.gaps == [(seg(1, 2), seg(1, 2)), (seg(1, 5), seg(1, 7)), (seg(1, 10), seg(1, 10))]
     assert (report.first, report.last, report.segments) == (seg(1, 3), seg(1, 11), 5)
@@ -169,19 +170,19 @@ def test_chain_reports_gaps_precisely(tmp_path):
 
 
 def test_chain_empty_archive(tmp_path):
-    report = wal.check_chain(str(tmp_path), seg(1, 4))
+    report = wal_chain.check_chain(str(tmp_path), seg(1, 4))
     assert not report.ok and report.segments == 0 and report.first is None and report.last is None
     assert report.gaps == [(seg(1, 4), seg(1, 4))]
     with pytest.raises(ValueError):
-        wal.check_chain(str(tmp_path), "00000001.history")
+        wal_chain.check_chain(str(tmp_path), "00000001.history")
 
 
 def test_chain_64mb_segments_and_gz(tmp_path):
     size = 64 * MB
-    names = [wal.segment_from_number(1, n, size) for n in range(60, 70)]
+    names = [wal_chain.segment_from_number(1, n, size) for n in range(60, 70)]
     touch(tmp_path, *names[:5])
     touch(tmp_path, *[n + ".gz" for n in names[5:]])
-    report = wal.check_chain(str(tmp_path), names[0], size)
+    report = wal_chain.check_chain(str(tmp_path), names[0], size)
     assert report.ok and report.last == "000000010000000100000005" and report.segments == 10
 
 
@@ -194,15 +195,15 @@ def test_chain_follows_timeline_switch(tmp_path):
     write_history(tmp_path, 2, [(1, "0/70000A0")])
     touch(tmp_path, *[seg(1, n) for n in range(1, 7)])
     touch(tmp_path, seg(1, 7) + ".partial", *[seg(2, n) for n in range(7, 10)])
-    report = wal.check_chain(str(tmp_path), SEG1)
+    report = wal_chain.check_chain(str(tmp_path), SEG1)
     assert report.ok, report
     assert (report.first, report.last, report.segments, report.timelines) == (SEG1, seg(2, 9), 9, [1, 2])
     # The old timeline's copy of the switch segment is not needed: recovery reads segment 7 from TLI 2.
     os.unlink(str(tmp_path / (seg(1, 7) + ".partial")))
-    assert wal.check_chain(str(tmp_path), SEG1).ok
+    assert wal_chain.check_chain(str(tmp_path), SEG1).ok
     # The old timeline going on past the switch (its primary kept writing) is another branch: ignored.
     touch(tmp_path, seg(1, 7), seg(1, 8), seg(1, 12))
-    report = wal.check_chain(str(tmp_path), SEG1)
+    report = wal_chain.check_chain(str(tmp_path), SEG1)
     assert report.ok and report.last == seg(2, 9)
 
 
@@ -210,19 +211,19 @@ def test_chain_timeline_switch_gaps(tmp_path):
     write_history(tmp_path, 2, [(1, "0/7000000")])
     touch(tmp_path, *[seg(1, n) for n in (1, 2, 3, 4)])
     touch(tmp_path, seg(1, 7) + ".partial", seg(2, 8), seg(2, 9))
-    report = wal.check_chain(str(tmp_path), SEG1)
+    report = wal_chain.check_chain(str(tmp_path), SEG1)
     # Missing: TLI 1 segments 5-6 and TLI 2's first segment 7 (a .partial on TLI 1 cannot replace it).
     assert not report.ok and report.gaps == [(seg(1, 5), seg(2, 7))]
     touch(tmp_path, seg(1, 5), seg(1, 6))
-    assert wal.check_chain(str(tmp_path), SEG1).gaps == [(seg(2, 7), seg(2, 7))]
+    assert wal_chain.check_chain(str(tmp_path), SEG1).gaps == [(seg(2, 7), seg(2, 7))]
     touch(tmp_path, seg(2, 7))
-    assert wal.check_chain(str(tmp_path), SEG1).ok
+    assert wal_chain.check_chain(str(tmp_path), SEG1).ok
 
 
 def test_chain_new_timeline_with_nothing_archived_yet(tmp_path):
     write_history(tmp_path, 2, [(1, "0/4000100")])
     touch(tmp_path, seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 4) + ".partial")
-    report = wal.check_chain(str(tmp_path), SEG1)
+    report = wal_chain.check_chain(str(tmp_path), SEG1)
     assert report.ok and report.last == seg(1, 4) + ".partial" and report.segments == 4
     assert report.timelines == [1, 2]
 
@@ -236,14 +237,14 @@ def test_chain_several_switches_and_unreachable_timeline(tmp_path):
     touch(tmp_path, *[seg(2, n) for n in range(5, 9)])
     touch(tmp_path, *[seg(3, n) for n in range(8, 11)])
     touch(tmp_path, *[seg(4, n) for n in range(2, 20)])
-    report = wal.check_chain(str(tmp_path), seg(1, 3))
+    report = wal_chain.check_chain(str(tmp_path), seg(1, 3))
     assert report.ok, report
     assert (report.last, report.segments, report.timelines) == (seg(3, 10), 8, [1, 2, 3])
     # From segment 1 TLI 4 is reachable (it branched at 2) and, being the highest, wins.
-    report = wal.check_chain(str(tmp_path), SEG1)
+    report = wal_chain.check_chain(str(tmp_path), SEG1)
     assert report.ok and report.timelines == [1, 4] and report.last == seg(4, 19)
     # A start on TLI 2 follows TLI 3, not TLI 4.
-    report = wal.check_chain(str(tmp_path), seg(2, 6))
+    report = wal_chain.check_chain(str(tmp_path), seg(2, 6))
     assert report.ok and report.timelines == [2, 3] and report.segments == 5
 
 
@@ -253,7 +254,7 @@ def test_archive_segments_lists_only_wal_members(tmp_path):
     touch(tmp_path, *wanted)
     touch(tmp_path, "." + seg(1, 4) + ".tmp.77", "README", seg(1, 5) + ".tmp", "0000000100000000000000ZZ")
     os.mkdir(str(tmp_path / "subdir"))
-    assert wal.archive_segments(str(tmp_path)) == sorted(wanted)
+    assert wal_chain.archive_segments(str(tmp_path)) == sorted(wanted)
 
 
 # ---------------------------------------------------------------- prune plan
@@ -264,25 +265,25 @@ def test_prune_plan():
     names = ([seg(1, n) for n in range(1, 6)] + [seg(1, 2) + ".gz", seg(1, 3) + ".partial",
              seg(1, 3) + ".partial.gz", label_old, label_kept, label_needed, "00000001.history",
              "00000002.history", seg(2, 3), seg(2, 4), seg(2, 5), seg(3, 2), "README", "." + seg(1, 1) + ".tmp.5"])
-    plan = wal.wal_prune_plan(names, seg(2, 4), keep={label_kept})
+    plan = wal_chain.wal_prune_plan(names, seg(2, 4), keep={label_kept})
     assert plan == sorted([seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 2) + ".gz", seg(1, 3) + ".partial",
                            seg(1, 3) + ".partial.gz", label_old, seg(2, 3)])
     # Never: the needed segment, anything newer, history files, kept labels, higher timelines, strangers.
     for name in (seg(2, 4), seg(2, 5), seg(1, 4), seg(1, 5), "00000001.history", label_kept, label_needed,
                  seg(3, 2), "README"):
         assert name not in plan
-    assert wal.wal_prune_plan(names, seg(1, 1)) == []
+    assert wal_chain.wal_prune_plan(names, seg(1, 1)) == []
     with pytest.raises(ValueError):
-        wal.wal_prune_plan(names, "00000002.history")
+        wal_chain.wal_prune_plan(names, "00000002.history")
 
 
 def test_apply_prune(tmp_path):
     touch(tmp_path, seg(1, 1), seg(1, 2), seg(1, 3))
-    assert wal.apply_prune(str(tmp_path), [seg(1, 1), seg(1, 2), seg(1, 9)]) == 2
+    assert wal_chain.apply_prune(str(tmp_path), [seg(1, 1), seg(1, 2), seg(1, 9)]) == 2
     assert listing(tmp_path) == [seg(1, 3)]
     for bad in ("../x", "", "..", "sub/" + seg(1, 3)):
         with pytest.raises(ValueError):
-            wal.apply_prune(str(tmp_path), [bad])
+            wal_chain.apply_prune(str(tmp_path), [bad])
     assert listing(tmp_path) == [seg(1, 3)]
 
 
@@ -290,27 +291,27 @@ def test_ready_backlog(tmp_path):
     status = tmp_path / "pg_wal" / "archive_status"
     status.mkdir(parents=True)
     touch(status, seg(1, 1) + ".done", seg(1, 2) + ".ready", seg(1, 3) + ".ready", "00000002.history.ready")
-    assert wal.ready_backlog(str(tmp_path)) == 3
+    assert wal_chain.ready_backlog(str(tmp_path)) == 3
     old = tmp_path / "old"
     (old / "pg_xlog" / "archive_status").mkdir(parents=True)
     touch(old / "pg_xlog" / "archive_status", seg(1, 1) + ".ready")
-    assert wal.ready_backlog(str(old)) == 1
+    assert wal_chain.ready_backlog(str(old)) == 1
     with pytest.raises(FileNotFoundError):
-        wal.ready_backlog(str(tmp_path / "nowhere"))
+        wal_chain.ready_backlog(str(tmp_path / "nowhere"))
 
 
 def test_wait_for_file(tmp_path):
     started = time.monotonic()
-    assert not wal.wait_for_file(str(tmp_path), seg(1, 1), timeout=0.3, poll=0.05)
+    assert not wal_chain.wait_for_file(str(tmp_path), seg(1, 1), timeout=0.3, poll=0.05)
     assert 0.3 <= time.monotonic() - started < 2
     timer = threading.Timer(0.2, touch, (tmp_path, seg(1, 1)))
     timer.start()
     try:
-        assert wal.wait_for_file(str(tmp_path), seg(1, 1), timeout=10, poll=0.05)
+        assert wal_chain.wait_for_file(str(tmp_path), seg(1, 1), timeout=10, poll=0.05)
     finally:
         timer.join()
     touch(tmp_path, seg(1, 2) + ".gz")
-    assert wal.wait_for_file(str(tmp_path), seg(1, 2), timeout=0)
+    assert wal_chain.wait_for_file(str(tmp_path), seg(1, 2), timeout=0)
 
 
 # ---------------------------------------------------------------- archive-push CLI
@@ -585,8 +586,8 @@ def test_runs_on_python38(dirs):
     result = run_wal("archive-get", SEG1, "pg_wal/RECOVERYXLOG", archive, cwd=pgdata, python=python38)
     assert result.returncode == 0, result.stderr
     assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == data
-    check = subprocess.run([python38, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import wal; "
-                            "print(wal.check_chain(sys.argv[2], sys.argv[3]).ok)",
+    check = subprocess.run([python38, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import wal_chain; "
+                            "print(wal_chain.check_chain(sys.argv[2], sys.argv[3]).ok)",
                             os.path.dirname(WAL_PY), str(archive), SEG1],
                            capture_output=True, text=True, timeout=60)
     assert check.stdout.strip() == "True", check.stderr
@@ -600,21 +601,21 @@ def test_real_server_archives_a_continuous_chain(sandbox):
     sandbox.psql("SELECT pg_logical_emit_message(false, 'test_wal', 'x')", db="postgres", user="postgres")
     current = sandbox.psql("SELECT pg_walfile_name(pg_current_wal_lsn())", user="postgres").strip()
     sandbox.psql("SELECT pg_switch_wal()", user="postgres")
-    assert wal.wait_for_file(archive, current, timeout=60), "server never archived %s" % current
-    first = [n for n in wal.archive_segments(archive) if wal.is_segment_name(n)][0]
-    report = wal.check_chain(archive, first)
+    assert wal_chain.wait_for_file(archive, current, timeout=60), "server never archived %s" % current
+    first = [n for n in wal_chain.archive_segments(archive) if wal.is_segment_name(n)][0]
+    report = wal_chain.check_chain(archive, first)
     assert report.ok, report.describe()
-    assert wal.segment_number(report.last) >= wal.segment_number(current)
+    assert wal_chain.segment_number(report.last) >= wal_chain.segment_number(current)
     # Once the archiver has caught up, no .ready file is left in pg_wal/archive_status.
     deadline = time.monotonic() + 30
-    while wal.ready_backlog(sandbox.pgdata) != 0:
+    while wal_chain.ready_backlog(sandbox.pgdata) != 0:
         assert time.monotonic() < deadline, "archive_status still has .ready files"
         time.sleep(0.1)
     # Our name math agrees with the server's.
     tli = wal.parse_segment_name(current)[0]
     for lsn in ("0/1", "0/1000000", "0/1000001", "0/FFFFFFFF", "1/0", "1/A8000060", "2A/FF000000"):
         server = sandbox.psql("SELECT pg_walfile_name('%s')" % lsn, user="postgres").strip()
-        assert server == wal.segment_name(tli, lsn, prev=True), lsn
+        assert server == wal_chain.segment_name(tli, lsn, prev=True), lsn
 
 
 def test_archive_push_gzip_stores_segments_compressed_and_get_restores_them(tmp_path):
@@ -641,5 +642,5 @@ def test_archive_push_gzip_stores_segments_compressed_and_get_restores_them(tmp_
     got = subprocess.run([PYTHON, WAL_PY, "archive-get", "000000010000000000000007", str(target),
                           str(archive)], capture_output=True, text=True)
     assert got.returncode == 0 and target.read_bytes() == segment.read_bytes()
-    report = wal.check_chain(str(archive), "000000010000000000000007")
+    report = wal_chain.check_chain(str(archive), "000000010000000000000007")
     assert report.ok and report.last == "000000010000000000000007"

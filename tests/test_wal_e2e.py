@@ -8,6 +8,7 @@ import shutil
 import time
 
 import wal
+import wal_chain
 from mailserver import MailServer
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -100,7 +101,7 @@ def test_retention_after_a_month_keeps_the_window_and_a_gapless_chain(sandbox):
             _age(sb, kind_folder, name, days)
     dry = backup(sb, env_path, ["--retention-dry-run"])
     assert dry.returncode == 0 and dry.stdout.count("DELETE") >= 9, dry.stdout
-    before_segments = wal.archive_segments(sb.wal_archive_dir)
+    before_segments = wal_chain.archive_segments(sb.wal_archive_dir)
 
     tonight = backup(sb, env_path)
     assert tonight.returncode == EXIT_OK, tonight.stdout
@@ -118,7 +119,7 @@ def test_retention_after_a_month_keeps_the_window_and_a_gapless_chain(sandbox):
     oldest = min(kept_names)
     with open(os.path.join(sb.backup_dir, "postgres", oldest + ".json")) as handle:
         start = json.load(handle)["start_wal_file"]
-    after = wal.archive_segments(sb.wal_archive_dir)
+    after = wal_chain.archive_segments(sb.wal_archive_dir)
     assert len(after) < len(before_segments)
     assert all(not wal.is_segment_name(s) or s >= start for s in after), (start, after)
     status = json.loads(backup(sb, env_path, ["--status", "--json"]).stdout)
@@ -163,7 +164,7 @@ def test_killed_archive_push_leaves_no_half_segment(sandbox):
     # A new segment wakes the archiver at once instead of after its 60 s back-off.
     sb.psql("SELECT pg_create_restore_point('wake'); SELECT pg_switch_wal()", user="postgres",
             password=sb.superuser_password)
-    assert wal.wait_for_file(sb.wal_archive_dir, segment, 90)
+    assert wal_chain.wait_for_file(sb.wal_archive_dir, segment, 90)
     assert not [n for n in os.listdir(sb.wal_archive_dir) if n.startswith(".")]
     assert os.path.getsize(os.path.join(sb.wal_archive_dir, segment)) == 16 * 1024 * 1024
     shutil.rmtree(os.path.join(sb.backup_dir, "postgres"), ignore_errors=True)
