@@ -18,6 +18,7 @@ import traceback
 import catalog
 import config
 import email_alert
+import mail_report
 import lock
 import metrics
 import monitor
@@ -106,7 +107,7 @@ def config_error_exit(exc, env_path):
     secrets = [raw[k] for k in config.SECRET_NAMES if raw.get(k)] + mon_cfg.secrets()
     logging.basicConfig(level=logging.INFO)
     if mail_cfg is not None:
-        subject, body = email_alert.build_report(monitor.mail_host(mon_cfg), False, [
+        subject, body = mail_report.build_report(monitor.mail_host(mon_cfg), False, [
             {"name": "configuration", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
         email_alert.notify(mail_cfg, False, subject, body, LOG, secrets=secrets)
     monitor.ping_once(mon_cfg, EXIT_CONFIG, str(exc), LOG, secrets=secrets)
@@ -167,7 +168,7 @@ def main(argv=None):
         backup_lock.acquire()
     except lock.LockHeld as exc:
         sys.stderr.write("%s\n" % exc)
-        subject, body = email_alert.build_report(monitor.mail_host(cfg), False, [
+        subject, body = mail_report.build_report(monitor.mail_host(cfg), False, [
             {"name": "lock", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
         logging.basicConfig(level=logging.INFO)
         email_alert.notify(cfg, False, subject, body, LOG, secrets=cfg.secrets())
@@ -217,7 +218,7 @@ def run_backup(cfg, log_path):
         metrics.publish_run(cfg, night, metrics.run_record(night, started_at, catalog.utc_now_iso(),
                                                            time.monotonic() - started, exit_code, log_path),
                             LOG.warning)
-        subject, body = email_alert.build_report(
+        subject, body = mail_report.build_report(
             monitor.mail_host(cfg), ok, night.stage_dicts(), error=failed.error if failed else None,
             tool_output_tail=failed.tool_output if failed else "", log_path=log_path,
             extra_sections=night.extra_sections())

@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import mail_report
 from subprocess_utils import mask
 
 STYLES = ("healthchecks", "exitcode", "plain")
@@ -85,7 +86,8 @@ def ping_request(url, style, event, exit_code=0, rid=None, message="", duration=
         if event != END:
             raise ValueError("unknown ping event %r" % event)
         query = [(k, v) for k, v in query if k not in ("status", "msg", "ping")]
-        query += [("status", "up" if exit_code == 0 else "down"), ("msg", _one_line(message)[:PLAIN_MSG_LIMIT])]
+        query += [("status", "up" if exit_code == 0 else "down"),
+                  ("msg", mail_report.one_line(message)[:PLAIN_MSG_LIMIT])]
         if duration is not None:
             query.append(("ping", str(int(duration * 1000))))
         path, method = parts.path, "GET"
@@ -118,10 +120,6 @@ def _cut_bytes(text, limit):
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
-def _one_line(text):
-    return " ".join(str(text).split())
-
-
 def read_log_tail(path, offset=0, limit=BODY_LIMIT):
     """The last ``limit`` bytes written to ``path`` after ``offset`` (this run's part of a daily log), as
     text; '' when it cannot be read."""
@@ -142,7 +140,7 @@ def _context(ca_file):
 def _describe(exc, ca_file):
     """One line for a failed attempt, without the URL (urllib's messages carry none; masked anyway)."""
     if isinstance(exc, urllib.error.HTTPError):
-        return "HTTP %d %s" % (exc.code, _one_line(exc.reason))
+        return "HTTP %d %s" % (exc.code, mail_report.one_line(exc.reason))
     reason = getattr(exc, "reason", exc)
     if isinstance(reason, ssl.SSLCertVerificationError):
         why = getattr(reason, "verify_message", None) or str(reason)
@@ -253,7 +251,7 @@ class Pinger:
         head = "alfresco-backup on %s (host %s): %s, exit code %d\n%s" % (
             self.name, socket.gethostname(), verdict, exit_code, summary)
         tail = read_log_tail(self.log_path, self.log_offset) if with_log and self.log_path else ""
-        message = "%s: %s%s" % (self.name, verdict, (" - " + _one_line(summary)) if summary.strip() else "")
+        message = "%s: %s%s" % (self.name, verdict, (" - " + mail_report.one_line(summary)) if summary.strip() else "")
         return self._send(END, exit_code, ping_body(head, tail), message)
 
     def _send(self, event, exit_code, body, message):

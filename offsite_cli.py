@@ -14,6 +14,7 @@ import time
 
 import config
 import email_alert
+import mail_report
 import monitor
 import offsite_state
 import rclone
@@ -101,7 +102,7 @@ def _report(cfg, name, ok, started, failures, notes, completed, files, size, log
         if recovered:
             notes = notes + ["the off-site copy works again"]
     if send:
-        subject, body = email_alert.build_report(
+        subject, body = mail_report.build_report(
             monitor.mail_host(cfg), ok, [_stage(name, ok, seconds, failures[0] if failures else detail, size)],
             error=error or None, log_path=log_path,
             extra_sections=[("Off-site copy", "Remote: %s\n%s" % (cfg.OFFSITE_REMOTE, detail))] +
@@ -160,7 +161,7 @@ def retention_main(env_path, dry_run):
     ok = not failures
     for failure in failures:
         LOG.error("%s", failure)
-    subject, body = email_alert.build_report(monitor.mail_host(cfg), ok, [_stage(
+    subject, body = mail_report.build_report(monitor.mail_host(cfg), ok, [_stage(
         "offsite_retention", ok, time.monotonic() - started, failures[0] if failures else "off-site retention")],
         error="\n".join(failures) or None)
     email_alert.notify(cfg, ok, subject, body, LOG, secrets=cfg.secrets())

@@ -22,7 +22,10 @@ import shutil
 import tempfile
 
 import catalog
+import email_alert
 import lock
+import mail_report
+import monitor
 import offsite_cli
 import offsite_remote
 import rclone
@@ -230,9 +233,9 @@ def cmd_verify(source, args, restore):
     restore.say("Off-site copy %s:\n%s" % (source.cfg.OFFSITE_REMOTE, text))
     stage = {"name": "verify_offsite", "status": "OK" if ok else "FAILED", "duration":
              result.details["timings"].get("total_s"), "detail": failures[0] if failures else "off-site drill"}
-    subject, body = restore.email_alert.build_report(restore.monitor.mail_host(source.cfg), ok, [stage],
-                                                     extra_sections=[("Off-site restore drill", text)])
-    restore.email_alert.notify(source.cfg, ok, subject, body, LOG, secrets=source.cfg.secrets())
+    subject, body = mail_report.build_report(monitor.mail_host(source.cfg), ok, [stage],
+                                             extra_sections=[("Off-site restore drill", text)])
+    email_alert.notify(source.cfg, ok, subject, body, LOG, secrets=source.cfg.secrets())
     return restore.EXIT_OK if ok else restore.EXIT_FAILED
 
 

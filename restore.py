@@ -18,6 +18,7 @@ import sys
 import catalog
 import config
 import email_alert
+import mail_report
 import lock
 import monitor
 import offsite_restore
@@ -407,7 +408,7 @@ def cmd_verify(cfg, args):
     stage = {"name": "verify", "status": "OK" if result.ok else "FAILED",
              "duration": result.details["timings"].get("total_s"),
              "detail": result.details["failures"][0] if result.details["failures"] else "restore drill"}
-    subject, body = email_alert.build_report(monitor.mail_host(cfg), result.ok, [stage],
+    subject, body = mail_report.build_report(monitor.mail_host(cfg), result.ok, [stage],
                                              extra_sections=[("Restore drill", result.summary_text)])
     email_alert.notify(cfg, result.ok, subject, body, LOG, secrets=cfg.secrets())
     return EXIT_OK if result.ok else EXIT_FAILED

@@ -20,15 +20,17 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+import catalog
 import email_alert  # the project directory is on sys.path via conftest.py
+import mail_report
 from email_alert import (
     AlertError,
-    build_report,
     mail_enabled,
     notify,
     send_mail,
     should_send,
 )
+from mail_report import build_report
 
 PASSWORD = "s3cr3t-Pa55w0rd"
 DB_SECRET = "db-pass-xyz"
@@ -244,12 +246,12 @@ def test_build_report_failure_without_stage_and_long_tail():
 
 
 def test_human_helpers():
-    assert email_alert.human_size(0) == "0 B"
-    assert email_alert.human_size(1023) == "1023 B"
-    assert email_alert.human_size(5 * 1024 ** 4) == "5.0 TiB"
-    assert email_alert.human_size(None) == "-"
-    assert email_alert.human_duration(59.94) == "59.9 s"
-    assert email_alert.human_duration(61) == "1 min 01 s"
+    assert catalog.human_size(0) == "0 B"
+    assert catalog.human_size(1023) == "1023 B"
+    assert catalog.human_size(5 * 1024 ** 4) == "5.0 TiB"
+    assert catalog.human_size(None) == "-"
+    assert mail_report.human_duration(59.94) == "59.9 s"
+    assert mail_report.human_duration(61) == "1 min 01 s"
 
 
 # ------------------------------------------------------------------------------------------ plain SMTP
