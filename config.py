@@ -7,9 +7,7 @@ naming its key. ``python config.py --env-example`` / ``--markdown`` print the ge
 """
 
 import os
-import pwd
 import re
-import shlex
 import socket
 import stat
 import sys
@@ -324,33 +322,6 @@ def _check_offsite(values, problems, warnings, check_paths):
                          % (conf, stat.S_IMODE(os.stat(conf).st_mode), conf)))
 
 
-def root_refusal(env_path, argv):
-    """The message for a run as root (None when not root), naming the ``sudo -u`` command to use instead.
-
-    backup.py and restore.py run only as the service user: its ``.env``, venv, ``PG_BIN_DIR`` and
-    everything under ``BACKUP_DIR`` can be changed by that user, so a root run would read and execute what
-    the service user controls. Called before any file is read: the user is guessed from the owner of the
-    ``.env`` (or its directory) without following a symlink."""
-    if os.geteuid() != 0:
-        return None
-    user = None
-    for path in (env_path, os.path.dirname(env_path)):
-        try:
-            uid = os.lstat(path).st_uid
-        except OSError:
-            continue
-        if uid != 0:
-            try:
-                user = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                user = "#%d" % uid
-            break
-    command = " ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(argv[0])] + list(argv[1:]))
-    return ("refusing to run as root: %s runs as the Alfresco service user (the one that owns the .env, "
-            "BACKUP_DIR and the data directory), since everything it reads and runs belongs to that user. Run:\n"
-            "  sudo -u %s %s" % (os.path.basename(argv[0]), user or "<service user>", command))
-
-
 def default_env_path():
     """``.env`` next to backup.py."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
@@ -409,34 +380,12 @@ def mail_config(raw_values):
     return None if problems or not cfg.SMTP_HOST or not cfg.ALERT_EMAIL else cfg
 
 
-def env_example():
-    """The text of ``env.example``, generated from the option table."""
-    lines = ["# Alfresco backup configuration. Copy to .env (chmod 600) and edit, or run: python3 setup.py",
-             "# Generated from the option table in config.py (python config.py --env-example).", ""]
-    for name, _kind, default, required, description, secret in OPTIONS:
-        lines.append("# %s%s" % (description, " (required)" if required else ""))
-        if secret:
-            lines.append("# secret: never shown in logs or mails")
-        lines.append("%s=%s" % (name, default or ""))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def markdown_table():
-    """The README's option table, generated from the option table."""
-    rows = ["| Key | Type | Default | Required | Description |", "|---|---|---|---|---|"]
-    for name, kind, default, required, description, secret in OPTIONS:
-        kind = kind.replace("choice:", "one of ").replace("|", ", ")
-        rows.append("| `%s` | %s | %s | %s | %s%s |" % (
-            name, kind, "`%s`" % default if default else "", "yes" if required else "", description,
-            " (secret)" if secret else ""))
-    return "\n".join(rows)
-
-
 if __name__ == "__main__":
+    import config_docs  # the generated files' text; kept out of the module every run imports
+
     if sys.argv[1:] == ["--env-example"]:
-        print(env_example())
+        print(config_docs.env_example())
     elif sys.argv[1:] == ["--markdown"]:
-        print(markdown_table())
+        print(config_docs.markdown_table())
     else:
         sys.exit("usage: python config.py --env-example | --markdown")

@@ -17,6 +17,7 @@ import sys
 
 import catalog
 import config
+import root_rule
 import email_alert
 import mail_report
 import lock
@@ -150,7 +151,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     env_path = os.path.abspath(getattr(args, "env", None) or config.default_env_path())
-    refusal = config.root_refusal(env_path, [os.path.abspath(__file__)] + list(argv))
+    refusal = root_rule.root_refusal(env_path, [os.path.abspath(__file__)] + list(argv))
     if refusal:
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+import config_docs  # noqa: E402
 from config import ConfigError  # noqa: E402
 
 
@@ -342,7 +343,7 @@ def test_mail_config_ignores_problems_outside_mail_settings():
 # --- generated files -------------------------------------------------------------------------------------
 
 def test_env_example_has_every_option_with_its_default():
-    text = config.env_example()
+    text = config_docs.env_example()
     for name, _kind, default, _required, description, _secret in config.OPTIONS:
         assert re.search(r"^%s=%s$" % (re.escape(name), re.escape(default or "")), text, re.M), name
         assert description in text
@@ -352,7 +353,7 @@ def test_env_example_has_every_option_with_its_default():
 def test_env_example_parses_and_only_required_keys_are_missing():
     from dotenv import dotenv_values
 
-    values = dotenv_values(stream=io.StringIO(config.env_example()))
+    values = dotenv_values(stream=io.StringIO(config_docs.env_example()))
     assert sorted(values) == sorted(config.OPTION_NAMES)
     with pytest.raises(ConfigError) as info:
         config.validate({k: v or "" for k, v in values.items()}, check_paths=False)
@@ -361,7 +362,7 @@ def test_env_example_parses_and_only_required_keys_are_missing():
 
 
 def test_markdown_table_has_one_well_formed_row_per_option():
-    lines = config.markdown_table().splitlines()
+    lines = config_docs.markdown_table().splitlines()
     assert lines[0].startswith("| Key |")
     rows = lines[2:]
     assert len(rows) == len(config.OPTIONS)
@@ -391,7 +392,7 @@ def test_cli_prints_generated_files(tmp_path):
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.py")
     out = subprocess.run([sys.executable, script, "--env-example"], stdout=subprocess.PIPE, check=True)
-    assert out.stdout.decode() == config.env_example() + "\n"
+    assert out.stdout.decode() == config_docs.env_example() + "\n"
     bad = subprocess.run([sys.executable, script], capture_output=True)
     assert bad.returncode != 0 and b"usage" in bad.stderr
 

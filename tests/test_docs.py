@@ -3,7 +3,7 @@
 import os
 import re
 
-import config
+import config_docs
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,13 +14,13 @@ def read(name):
 
 
 def test_env_example_is_generated_from_the_option_table():
-    assert read("env.example") == config.env_example() + "\n", "run: python config.py --env-example > env.example"
+    assert read("env.example") == config_docs.env_example() + "\n", "run: python config.py --env-example > env.example"
 
 
 def test_readme_option_table_is_generated_from_the_option_table():
     match = re.search(r"<!-- options:begin -->\n(.*?)\n<!-- options:end -->", read("README.md"), re.S)
     assert match, "README.md lost its options markers"
-    assert match.group(1) == config.markdown_table(), "regenerate the README table: python config.py --markdown"
+    assert match.group(1) == config_docs.markdown_table(), "regenerate the README table: python config.py --markdown"
 
 
 def test_readme_documents_every_exit_code_and_the_make_targets():
