@@ -17,13 +17,14 @@ import traceback
 
 import catalog
 import config
-import root_rule
+import dry_run
 import email_alert
-import mail_report
 import lock
+import mail_report
 import metrics
 import monitor
 import offsite_cli
+import root_rule
 import runner
 import safe_files
 import status
@@ -157,7 +158,7 @@ def main(argv=None):
         setup_logging(cfg.BACKUP_DIR, cfg.secrets(), to_file=False)
         for key, message in cfg.warnings:
             LOG.warning("%s: %s", key, message)
-        return runner.dry_run(cfg, retention_only=args.retention_dry_run)
+        return dry_run.print_plan(cfg, retention_only=args.retention_dry_run)
     if args.offsite or args.offsite_audit:  # own locks (offsite.py): never waits for, nor blocks, the night
         try:
             log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())

@@ -116,7 +116,7 @@ def plan(cat, now, days, min_count, manifests):
         wal_keep_from = min(starts)
         labels = {e.info.get("backup_label_file") for e in kept if e.kind == "postgres"} - {None}
         delete_wal = wal_chain.wal_prune_plan(sorted(cat.wal), wal_keep_from,
-                                        keep=labels | {label + ".gz" for label in labels})
+                                              keep=labels | {label + ".gz" for label in labels})
     elif complete:
         warnings.append("a kept base backup has no start_wal_file: no WAL is pruned")
     delete_content = []
