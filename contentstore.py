@@ -9,17 +9,32 @@ never a link base.
 Two engines give the same tree: ``rsync -a --link-dest`` (the first copy, and always with
 ``CONTENTSTORE_METHOD=rsync``) and :mod:`linktree` (nightly, when a previous snapshot exists: the same
 size+mtime quick check in-process, with ``CONTENTSTORE_PARALLEL`` threads, faster than rsync).
+
+Nightly, :mod:`linktree` compares file by file only in the directories that changed since the previous
+snapshot (:func:`compare_plan`): Alfresco adds content to the current minute's directory and never
+rewrites a ``.bin``, so an old, unchanged directory is hard-linked by name. Every
+``CONTENTSTORE_FULL_COMPARE_DAYS`` days one night compares every file again.
 """
 
+import datetime
 import os
 import re
 import time
 
+import btrfs_snapshot
 import catalog
 import linktree
 import subprocess_utils
+import tree_delete
 
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live store
+# A directory changed less than this before the previous snapshot started is compared file by file even
+# when its mtime matches: covers the file system's timestamp granularity (1-2 s on some shares), the
+# kernel's coarse clock and a small clock difference to a file server.
+TRUST_MARGIN_S = 60
+# A full compare is due when the last one started at least this long before the next (so a nightly run
+# at 02:00 that starts a few minutes early does not push it a day later).
+FULL_COMPARE_SLACK = datetime.timedelta(hours=2)
 
 
 class ContentstoreError(Exception):
@@ -59,17 +74,55 @@ def find_resumable_partial(backup_dir, tonight):
     return partials[-1].path if partials else None
 
 
-def choose_method(configured, previous_exists):
-    """'rsync' or 'linktree' (pure): linktree only pays off when there is a previous snapshot to link to."""
+def choose_method(configured, previous_exists, on_btrfs=False):
+    """'rsync', 'linktree' or 'btrfs' (pure) for CONTENTSTORE_METHOD ``configured``: btrfs subvolumes
+    whenever the snapshots' folder is on btrfs (``auto``) or when asked; else linktree, which only pays
+    off when there is a previous snapshot to link to; rsync for the first copy or when asked."""
+    if configured == "btrfs" or (configured == "auto" and on_btrfs):
+        return "btrfs"
     if configured == "rsync" or not previous_exists:
         return "rsync"
     return "linktree"
 
 
-def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", workers=4):
-    """Snapshot ``source`` into ``backup_dir/contentstore/name``. Returns the metadata dict (status DONE),
-    also written beside the snapshot. Raises ContentstoreError; the partial is kept for the next run,
-    except after "no space left", when keeping it would only keep the disk full."""
+def last_full_compare(info):
+    """When the newest snapshot that compared every file started (aware datetime), from a snapshot's
+    metadata ``info``, or None. An rsync snapshot compared every file."""
+    when = catalog.parse_iso(info.get("full_compare_at"))
+    if when is None and info.get("engine") == "rsync":
+        when = catalog.parse_iso(info.get("started_at"))
+    return when
+
+
+def compare_plan(previous_info, now, full_compare_days, margin_s=TRUST_MARGIN_S):
+    """Whether tonight may skip the per-file compare in unchanged directories (pure).
+
+    ``previous_info``: the metadata of the link base (None: no previous snapshot). ``now``: aware datetime.
+    ``full_compare_days``: CONTENTSTORE_FULL_COMPARE_DAYS (0: compare every file every night). Returns
+    ``(trust_before_ns, reason)``: ``trust_before_ns`` is None for a full compare, else the previous
+    snapshot's start minus ``margin_s`` in ns since the epoch (see :func:`linktree.snapshot`)."""
+    if not previous_info:
+        return None, "first copy"
+    if full_compare_days <= 0:
+        return None, "CONTENTSTORE_FULL_COMPARE_DAYS=0: every file compared every night"
+    started = catalog.parse_iso(previous_info.get("started_at"))
+    last = last_full_compare(previous_info)
+    if started is None or last is None:
+        return None, "no full compare recorded yet"
+    if now - last >= datetime.timedelta(days=full_compare_days) - FULL_COMPARE_SLACK:
+        return None, "the last full compare started %s (every %d days)" % (last.isoformat(timespec="seconds"),
+                                                                          full_compare_days)
+    before = started - datetime.timedelta(seconds=margin_s)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    return (before - epoch) // datetime.timedelta(microseconds=1) * 1000, \
+        "only directories changed since %s are compared file by file" % before.isoformat(timespec="seconds")
+
+
+def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", workers=4, full_compare_days=7):
+    """Snapshot ``source`` into ``backup_dir/contentstore/name``. ``workers``: threads of the in-process
+    engine; ``full_compare_days``: see :func:`compare_plan`. Returns the metadata dict (status DONE), also
+    written beside the snapshot. Raises ContentstoreError; the partial is kept for the next run, except
+    after "no space left", when keeping it would only keep the disk full."""
     started, started_iso = time.monotonic(), catalog.utc_now_iso()
     if not os.path.isdir(source):
         raise ContentstoreError("contentstore not found: %s (set CONTENTSTORE_DIR or ALF_BASE_DIR)" % source)
@@ -82,20 +135,33 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         # An unmounted share looks exactly like this; a DONE empty snapshot would pass for a good backup.
         raise ContentstoreError("the contentstore %s is empty but %s held %s files: is its file system mounted?"
                                 % (source, previous.name, previous.info.get("files")))
+    btrfs_reason = btrfs_snapshot.unsupported_reason(dest_root) if method in ("auto", "btrfs") else "not asked"
+    if method == "btrfs" and btrfs_reason:
+        raise ContentstoreError("CONTENTSTORE_METHOD=btrfs, but %s: use auto or linktree" % btrfs_reason)
+    engine = choose_method(method, previous is not None, btrfs_reason is None)
     resumed = find_resumable_partial(backup_dir, name)
     if resumed:
         log.info("reusing %s left by an interrupted run", resumed)
         os.rename(resumed, partial)
-    elif not os.path.isdir(partial):
+    elif engine != "btrfs" and not os.path.isdir(partial):
         os.mkdir(partial, 0o700)
-    engine = choose_method(method, previous is not None)
     log.info("snapshot engine: %s%s", engine, " (link base %s)" % previous.name if previous else "")
+    trust_ns, why = compare_plan(previous.info if previous else None, catalog.parse_iso(started_iso),
+                                 full_compare_days)
     if engine == "rsync":
+        trust_ns, why = None, "rsync compares every file"
         stats, warnings = _run_rsync(source, partial, previous, timeout, backup_dir)
+    elif engine == "btrfs":
+        stats, warnings, trust_ns = _run_btrfs(source, partial, previous, workers, bool(resumed), backup_dir,
+                                               log, trust_ns, why, timeout)
     else:
-        stats, warnings = _run_linktree(source, partial, previous, workers, bool(resumed), backup_dir, log)
-    # The snapshot root gets the source's mode from the copy; it stays private.
-    os.chmod(partial, 0o700)
+        log.info("compare: %s", why)
+        stats, warnings = _run_linktree(source, partial, previous, workers, bool(resumed), backup_dir, log,
+                                        trust_ns)
+    # The snapshot root gets the source's mode from the copy; it stays private (btrfs: made so before it
+    # became read-only).
+    if engine != "btrfs":
+        os.chmod(partial, 0o700)
     os.rename(partial, final)
     catalog.fsync_dir(dest_root)
     info = {
@@ -107,15 +173,20 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         "bytes_copied": stats.get("bytes_copied"), "files_copied": stats.get("files_copied"),
         "bytes_linked": (stats.get("bytes_total") or 0) - (stats.get("bytes_copied") or 0),
         "size_bytes": stats.get("bytes_copied"), "warnings": warnings,
+        "compare": "full" if trust_ns is None else "changed directories",
+        "full_compare_at": started_iso if trust_ns is None else
+        last_full_compare(previous.info).isoformat(timespec="microseconds"),
+        "dirs_trusted": stats.get("dirs_trusted"), "dirs_compared": stats.get("dirs_compared"),
     }
     catalog.write_info(final, info)
     return info
 
 
 def _no_space(partial, backup_dir, detail):
-    import shutil
-
-    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        tree_delete.remove_tree(partial)
+    except OSError:
+        pass  # the next run's retention deletes what is left of it
     return ContentstoreError("no space left on device in %s while copying the contentstore (%s); the partial "
                              "copy was removed: free space or lower RETENTION_DAYS" % (backup_dir, detail))
 
@@ -135,9 +206,10 @@ def _run_rsync(source, partial, previous, timeout, backup_dir):
     return parse_stats(result.stdout), warnings
 
 
-def _run_linktree(source, partial, previous, workers, resume, backup_dir, log):
+def _run_linktree(source, partial, previous, workers, resume, backup_dir, log, trust_ns, in_place=False):
     try:
-        stats = linktree.snapshot(source, partial, previous.path, workers=workers, resume=resume)
+        stats = linktree.snapshot(source, partial, previous.path if previous else None, workers=workers,
+                                  resume=resume, trust_before_ns=trust_ns, in_place=in_place)
     except linktree.LinkTreeError as exc:
         if "No space left" in str(exc):
             raise _no_space(partial, backup_dir, exc)
@@ -150,4 +222,30 @@ def _run_linktree(source, partial, previous, workers, resume, backup_dir, log):
     counts = stats.as_dict()
     return {"files": counts["files"] + counts["dirs"] + counts["symlinks"], "regular_files": counts["files"],
             "files_copied": counts["copied"], "bytes_total": counts["bytes_total"],
-            "bytes_copied": counts["bytes_copied"]}, warnings
+            "bytes_copied": counts["bytes_copied"], "dirs_trusted": counts["dirs_trusted"],
+            "dirs_compared": counts["dirs_compared"], "delta_files": counts["delta_files"],
+            "delta_bytes": counts["delta_bytes"]}, warnings
+
+
+def _run_btrfs(source, partial, previous, workers, resume, backup_dir, log, trust_ns, why, timeout):
+    """The btrfs engine (:mod:`btrfs_snapshot`). Returns (stats, warnings, trust_ns actually used)."""
+    try:
+        start = btrfs_snapshot.prepare(partial, previous.path if previous else None, resume, log,
+                                       tree_delete.remove_tree)
+        if previous is None:  # the first copy (or its resumption): rsync into the subvolume, in place
+            stats, warnings = _run_rsync(source, partial, None, timeout, backup_dir)
+            trust_ns = None
+        else:
+            if start != "previous" or previous.info.get("files") is None \
+                    or previous.info.get("bytes_total") is None:
+                trust_ns, why = None, "the working copy is not the previous snapshot: every file compared"
+            log.info("compare: %s", why)
+            stats, warnings = _run_linktree(source, partial, None, workers, False, backup_dir, log, trust_ns,
+                                            in_place=True)
+            if trust_ns is not None:  # unchanged directories were not listed: count from the previous
+                stats["regular_files"] = previous.info["files"] + stats.pop("delta_files")
+                stats["bytes_total"] = previous.info["bytes_total"] + stats.pop("delta_bytes")
+        btrfs_snapshot.finish(partial, log)
+    except btrfs_snapshot.BtrfsError as exc:
+        raise ContentstoreError("%s; the partial copy %s is kept and reused next time" % (exc, partial))
+    return stats, warnings, trust_ns
