@@ -85,6 +85,15 @@ def choose_method(configured, previous_exists, on_btrfs=False):
     return "linktree"
 
 
+def worker_count(configured, cpus=None):
+    """CONTENTSTORE_PARALLEL ``configured`` as a thread count (pure): itself when > 0, else two per CPU
+    core, 2 to 8 (measured: a cold disk wants several requests in flight, and the engine spends most of
+    its time in system calls that release the GIL; see bench/RESULTS.md)."""
+    if configured > 0:
+        return configured
+    return max(2, min(8, 2 * (cpus or os.cpu_count() or 1)))
+
+
 def last_full_compare(info):
     """When the newest snapshot that compared every file started (aware datetime), from a snapshot's
     metadata ``info``, or None. An rsync snapshot compared every file."""
@@ -94,11 +103,12 @@ def last_full_compare(info):
     return when
 
 
-def compare_plan(previous_info, now, full_compare_days, margin_s=TRUST_MARGIN_S):
+def compare_plan(previous_info, now, full_compare_days, margin_s=None):
     """Whether tonight may skip the per-file compare in unchanged directories (pure).
 
     ``previous_info``: the metadata of the link base (None: no previous snapshot). ``now``: aware datetime.
-    ``full_compare_days``: CONTENTSTORE_FULL_COMPARE_DAYS (0: compare every file every night). Returns
+    ``full_compare_days``: CONTENTSTORE_FULL_COMPARE_DAYS (0: compare every file every night);
+    ``margin_s``: default :data:`TRUST_MARGIN_S`. Returns
     ``(trust_before_ns, reason)``: ``trust_before_ns`` is None for a full compare, else the previous
     snapshot's start minus ``margin_s`` in ns since the epoch (see :func:`linktree.snapshot`)."""
     if not previous_info:
@@ -112,7 +122,7 @@ def compare_plan(previous_info, now, full_compare_days, margin_s=TRUST_MARGIN_S)
     if now - last >= datetime.timedelta(days=full_compare_days) - FULL_COMPARE_SLACK:
         return None, "the last full compare started %s (every %d days)" % (last.isoformat(timespec="seconds"),
                                                                           full_compare_days)
-    before = started - datetime.timedelta(seconds=margin_s)
+    before = started - datetime.timedelta(seconds=TRUST_MARGIN_S if margin_s is None else margin_s)
     epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
     return (before - epoch) // datetime.timedelta(microseconds=1) * 1000, \
         "only directories changed since %s are compared file by file" % before.isoformat(timespec="seconds")

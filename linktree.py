@@ -35,6 +35,9 @@ import filesystems
 import tree_delete
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
+# Too many links to one inode, or the previous snapshot is on another file system or btrfs subvolume:
+# copy instead.
+_CANNOT_LINK = (errno.EMLINK, errno.EXDEV)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -108,20 +111,40 @@ def _trusted(job, st, pst):
             and (not job.as_root or (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid)))
 
 
+def _leaving(stats, st):
+    """Count an entry that leaves the in-place copy (sizes as rsync's "total file size": files and
+    symlinks)."""
+    if stat.S_ISREG(st.st_mode):
+        stats.add(delta_files=-1, delta_bytes=-st.st_size)
+    elif stat.S_ISLNK(st.st_mode):
+        stats.add(delta_bytes=-st.st_size)
+
+
 def _discard(job, stats, path, st):
     """Remove ``path`` (lstat ``st``), counting what leaves the in-place copy."""
     if stat.S_ISDIR(st.st_mode):
         if job.in_place:
             for dirpath, _dirs, names in os.walk(path):
                 for name in names:
-                    sub = os.lstat(os.path.join(dirpath, name))
-                    if stat.S_ISREG(sub.st_mode):
-                        stats.add(delta_files=-1, delta_bytes=-sub.st_size)
+                    _leaving(stats, os.lstat(os.path.join(dirpath, name)))
         tree_delete.remove_tree_python(os.fsdecode(path))
         return
-    if job.in_place and stat.S_ISREG(st.st_mode):
-        stats.add(delta_files=-1, delta_bytes=-st.st_size)
+    if job.in_place:
+        _leaving(stats, st)
     os.unlink(path)
+
+
+def _symlink(job, stats, s_path, d_path, st, cleanup):
+    target = os.readlink(s_path)
+    stats.add(symlinks=1, bytes_total=len(target))
+    if cleanup and os.path.lexists(d_path):
+        if os.path.islink(d_path) and os.readlink(d_path) == target:
+            return
+        _discard(job, stats, d_path, os.lstat(d_path))
+    os.symlink(target, d_path)
+    if job.as_root:
+        os.chown(d_path, st.st_uid, st.st_gid, follow_symlinks=False)
+    stats.add(delta_bytes=len(target))
 
 
 def _file(job, stats, s_path, p_path, d_path, st):
@@ -154,7 +177,7 @@ def _file(job, stats, s_path, p_path, d_path, st):
                 stats.add(files=1, linked=1, bytes_total=size, bytes_linked=size)
                 return
             except OSError as exc:
-                if exc.errno != errno.EMLINK:  # too many links to one inode: copy instead
+                if exc.errno not in _CANNOT_LINK:
                     raise
     if existing is None and not job.in_place:
         existing = os.lstat(d_path) if os.path.lexists(d_path) else None
@@ -217,16 +240,7 @@ def _sync_dir(job, stats, s, p, d, cleanup):
         elif stat.S_ISREG(st.st_mode):
             _file(job, stats, s_path, p_path, d_path, st)
         elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(s_path)
-            if cleanup and os.path.lexists(d_path):
-                if os.path.islink(d_path) and os.readlink(d_path) == target:
-                    stats.add(symlinks=1)
-                    continue
-                _discard(job, stats, d_path, os.lstat(d_path))
-            os.symlink(target, d_path)
-            if job.as_root:
-                os.chown(d_path, st.st_uid, st.st_gid, follow_symlinks=False)
-            stats.add(symlinks=1)
+            _symlink(job, stats, s_path, d_path, st, cleanup)
         else:
             stats.add(skipped_special=1)
             stats.warn("not a file, directory or symlink, skipped: %r" % s_path)
@@ -295,20 +309,23 @@ def _link_by_name(job, stats, name, pfd, dfd, s_path, d_path):
             os.unlink(name, dir_fd=dfd)
             os.link(name, name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno != errno.EMLINK:
+        if exc.errno not in _CANNOT_LINK:
             raise
         try:
             st = os.lstat(s_path)
         except FileNotFoundError:
             stats.add(vanished=1)
             return
-        _file(job, stats, s_path, None, d_path, st)
+        if stat.S_ISLNK(st.st_mode):
+            _symlink(job, stats, s_path, d_path, st, True)
+        else:
+            _file(job, stats, s_path, None, d_path, st)
         return
     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)  # the inode is cached by the link: cheap
     if stat.S_ISREG(st.st_mode):
         stats.add(files=1, linked=1, bytes_total=st.st_size, bytes_linked=st.st_size)
     else:
-        stats.add(symlinks=1)
+        stats.add(symlinks=1, bytes_total=st.st_size)
 
 
 def _unchanged_in_place(job, stats, s, d, st):
