@@ -23,6 +23,7 @@ import time
 
 import btrfs_snapshot
 import catalog
+import first_copy
 import linktree
 import subprocess_utils
 import tree_delete
@@ -41,9 +42,10 @@ class ContentstoreError(Exception):
     """The snapshot failed; the message says why and names the path."""
 
 
-def rsync_argv(source, dest, link_dest=None):
-    """The rsync command line (pure). Trailing slashes: copy the *contents* of source into dest."""
-    argv = ["rsync", "-a", "--delete", "--numeric-ids", "--stats", "--no-human-readable"]
+def rsync_argv(source, dest, link_dest=None, extra=()):
+    """The rsync command line (pure). Trailing slashes: copy the *contents* of source into dest.
+    ``extra``: more options (e.g. an --exclude)."""
+    argv = ["rsync", "-a", "--delete", "--numeric-ids", "--stats", "--no-human-readable"] + list(extra)
     if link_dest:
         argv.append("--link-dest=%s" % link_dest)
     argv += [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
@@ -160,7 +162,7 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
                                  full_compare_days)
     if engine == "rsync":
         trust_ns, why = None, "rsync compares every file"
-        stats, warnings = _run_rsync(source, partial, previous, timeout, backup_dir)
+        stats, warnings = _run_rsync(source, partial, previous, timeout, backup_dir, workers)
     elif engine == "btrfs":
         stats, warnings, trust_ns = _run_btrfs(source, partial, previous, workers, bool(resumed), backup_dir,
                                                log, trust_ns, why, timeout)
@@ -201,19 +203,52 @@ def _no_space(partial, backup_dir, detail):
                              "copy was removed: free space or lower RETENTION_DAYS" % (backup_dir, detail))
 
 
-def _run_rsync(source, partial, previous, timeout, backup_dir):
-    argv = rsync_argv(source, partial, previous.path if previous else None)
-    warnings = []
+def _run_rsync(source, partial, previous, timeout, backup_dir, workers=1):
+    """rsync into ``partial``: with --link-dest to ``previous``, or (no previous: the first copy) with
+    up to ``workers`` rsyncs at once over the month buckets (:mod:`first_copy`). Returns (stats,
+    warnings); raises ContentstoreError."""
+    deadline = time.monotonic() + timeout if timeout else None
+    warnings, no_space = [], []
+
+    def copy_one(src, dst, extra):
+        remaining = None if deadline is None else max(1, deadline - time.monotonic())
+        argv = rsync_argv(src, dst, previous.path if previous else None, extra)
+        try:
+            result = subprocess_utils.run(argv, subprocess_utils.base_env(), timeout=remaining,
+                                          ok_codes=(0, RSYNC_VANISHED), what="rsync of the contentstore")
+        except subprocess_utils.CommandError as exc:
+            if "No space left" in exc.stderr_tail:
+                no_space.append(exc)
+            elif src != source and not os.path.isdir(src):
+                raise first_copy.BucketVanished(src)
+            raise ContentstoreError("%s; the partial copy %s is kept and reused next time" % (exc, partial))
+        if result.returncode == RSYNC_VANISHED and not warnings:
+            warnings.append("some files vanished during the copy (rsync exit 24): normal while Alfresco runs")
+        return parse_stats(result.stdout)
+
     try:
-        result = subprocess_utils.run(argv, subprocess_utils.base_env(), timeout=timeout or None,
-                                      ok_codes=(0, RSYNC_VANISHED), what="rsync of the contentstore")
-    except subprocess_utils.CommandError as exc:
-        if "No space left" in exc.stderr_tail:
-            raise _no_space(partial, backup_dir, exc)
-        raise ContentstoreError("%s; the partial copy %s is kept and reused next time" % (exc, partial))
-    if result.returncode == RSYNC_VANISHED:
-        warnings.append("some files vanished during the copy (rsync exit 24): normal while Alfresco runs")
-    return parse_stats(result.stdout), warnings
+        if previous is None:
+            stats = first_copy.parallel_copy(
+                source, partial, workers, copy_one, _sum_stats,
+                keep_going=lambda: not no_space and (deadline is None or time.monotonic() < deadline))
+        else:
+            stats = copy_one(source, partial, [])
+    except ContentstoreError:
+        if no_space:
+            raise _no_space(partial, backup_dir, no_space[0])
+        raise
+    except OSError as exc:
+        raise ContentstoreError("preparing the copy in %s: %s; the partial copy is kept and reused next time"
+                                % (partial, exc))
+    return stats, warnings
+
+
+def _sum_stats(results):
+    total = {}
+    for stats in results:
+        for key, value in stats.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _run_linktree(source, partial, previous, workers, resume, backup_dir, log, trust_ns, in_place=False):
@@ -243,7 +278,7 @@ def _run_btrfs(source, partial, previous, workers, resume, backup_dir, log, trus
         start = btrfs_snapshot.prepare(partial, previous.path if previous else None, resume, log,
                                        tree_delete.remove_tree)
         if previous is None:  # the first copy (or its resumption): rsync into the subvolume, in place
-            stats, warnings = _run_rsync(source, partial, None, timeout, backup_dir)
+            stats, warnings = _run_rsync(source, partial, None, timeout, backup_dir, workers)
             trust_ns = None
         else:
             if start != "previous" or previous.info.get("files") is None \
