@@ -219,6 +219,9 @@ def _run_rsync(source, partial, previous, timeout, backup_dir, workers=1):
         except subprocess_utils.CommandError as exc:
             if "No space left" in exc.stderr_tail:
                 no_space.append(exc)
+            elif exc.timed_out:  # the whole copy's time is up (several rsyncs may share it)
+                raise ContentstoreError("rsync of the contentstore: timed out after %d s (RSYNC_TIMEOUT); the "
+                                        "partial copy %s is kept and reused next time" % (timeout, partial))
             elif src != source and not os.path.isdir(src):
                 raise first_copy.BucketVanished(src)
             raise ContentstoreError("%s; the partial copy %s is kept and reused next time" % (exc, partial))
