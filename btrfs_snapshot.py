@@ -107,23 +107,23 @@ def reflink_copy(source, dest, log=None):
 
 
 def prepare(partial, previous_path, resumed, log, remove_tree):
-    """Make ``partial`` a writable subvolume holding the starting state of tonight's sync.
+    """Make ``partial`` (not existing yet) a writable subvolume holding the starting state of tonight's sync.
 
     ``previous_path``: the link base (a DONE snapshot, subvolume or hardlinked tree) or None;
-    ``resumed``: True when ``partial`` is what an interrupted run left (renamed by the caller).
-    ``remove_tree(path)``: deletes a tree. Returns ``"previous"`` when ``partial`` now equals the
-    previous snapshot, ``"resumed"`` when it holds an interrupted run's work (compare every file),
-    ``"empty"`` for a first copy. Raises BtrfsError, OSError."""
+    ``resumed``: the ``.partial`` an interrupted run left, or None: a subvolume is renamed to ``partial``
+    and made writable; a hardlinked tree (from before btrfs was used) is reflink-copied into a new
+    subvolume and then removed with ``remove_tree(path)`` (killed in between, it stays a ``.partial``
+    that retention deletes). Returns ``"previous"`` when ``partial`` now equals the previous snapshot,
+    ``"resumed"`` when it holds an interrupted run's work (compare every file), ``"empty"`` for a first
+    copy. Raises BtrfsError, OSError."""
     if resumed:
-        if is_subvolume(partial):
+        if is_subvolume(resumed):
+            os.rename(resumed, partial)
             set_readonly(partial, False, log)
             return "resumed"
-        # A hardlinked partial from before btrfs was used: keep its data, as a subvolume.
-        seed = partial + ".seed"
-        os.rename(partial, seed)
         create(partial, log)
-        reflink_copy(seed, partial, log)
-        remove_tree(seed)
+        reflink_copy(resumed, partial, log)
+        remove_tree(resumed)
         return "resumed"
     if previous_path and is_subvolume(previous_path):
         snapshot(previous_path, partial, log)

@@ -154,7 +154,8 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
     resumed = find_resumable_partial(backup_dir, name)
     if resumed:
         log.info("reusing %s left by an interrupted run", resumed)
-        os.rename(resumed, partial)
+        if engine != "btrfs":  # btrfs_snapshot.prepare takes it over
+            os.rename(resumed, partial)
     elif engine != "btrfs" and not os.path.isdir(partial):
         os.mkdir(partial, 0o700)
     log.info("snapshot engine: %s%s", engine, " (link base %s)" % previous.name if previous else "")
@@ -164,7 +165,7 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         trust_ns, why = None, "rsync compares every file"
         stats, warnings = _run_rsync(source, partial, previous, timeout, backup_dir, workers)
     elif engine == "btrfs":
-        stats, warnings, trust_ns = _run_btrfs(source, partial, previous, workers, bool(resumed), backup_dir,
+        stats, warnings, trust_ns = _run_btrfs(source, partial, previous, workers, resumed, backup_dir,
                                                log, trust_ns, why, timeout)
     else:
         log.info("compare: %s", why)
@@ -275,10 +276,10 @@ def _run_linktree(source, partial, previous, workers, resume, backup_dir, log, t
             "delta_bytes": counts["delta_bytes"]}, warnings
 
 
-def _run_btrfs(source, partial, previous, workers, resume, backup_dir, log, trust_ns, why, timeout):
+def _run_btrfs(source, partial, previous, workers, resumed, backup_dir, log, trust_ns, why, timeout):
     """The btrfs engine (:mod:`btrfs_snapshot`). Returns (stats, warnings, trust_ns actually used)."""
     try:
-        start = btrfs_snapshot.prepare(partial, previous.path if previous else None, resume, log,
+        start = btrfs_snapshot.prepare(partial, previous.path if previous else None, resumed, log,
                                        tree_delete.remove_tree)
         if previous is None:  # the first copy (or its resumption): rsync into the subvolume, in place
             stats, warnings = _run_rsync(source, partial, None, timeout, backup_dir, workers)

@@ -151,6 +151,18 @@ def test_an_interrupted_first_copy_is_resumed_in_its_subvolume(env):
     assert_read_only_snapshot(os.path.join(env["snapshots"], N2))
 
 
+def test_a_hardlinked_partial_from_before_btrfs_is_kept_as_a_subvolume(env):
+    os.makedirs(env["snapshots"], 0o700)
+    leftover = os.path.join(env["snapshots"], N1 + ".partial")
+    os.mkdir(leftover, 0o700)  # a plain directory: an interrupted first copy by rsync
+    write(leftover, b"2024/1/31/2/0/aaaa.bin", b"a" * 1000)
+    info = snap(env, N2)
+    final = os.path.join(env["snapshots"], N2)
+    assert info["resumed_partial"] is True and info["engine"] == "btrfs" and not os.path.exists(leftover)
+    assert tree(final) == tree(env["source"])
+    assert_read_only_snapshot(final)
+
+
 def test_first_btrfs_night_after_hardlinked_snapshots(env):
     snap(env, N1, method="rsync")
     plain = os.path.join(env["snapshots"], N1)
