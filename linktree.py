@@ -22,23 +22,18 @@ directories are then not even listed when the source's file system counts subdir
 count (a leaf directory has ``st_nlink == 2``): the cost is one stat per directory plus the changes.
 
 Subtrees (years, then months, ...) are shared out to ``workers`` threads: link(2), stat(2) and copy
-syscalls release the GIL, and several requests in flight help a cold disk.
+syscalls release the GIL, and several requests in flight help a cold disk. This module decides, per
+directory, what is done; :mod:`linktree_ops` does it to the entries.
 """
 
-import errno
 import os
-import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import filesystems
-import tree_delete
+import linktree_ops
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
-# Too many links to one inode, or the previous snapshot is on another file system or btrfs subvolume:
-# copy instead.
-_CANNOT_LINK = (errno.EMLINK, errno.EXDEV)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class LinkTreeError(Exception):
@@ -86,246 +81,12 @@ class _Job:
         self.leaf_nlink = leaf_nlink
 
 
-def _copy_file(src, dst, st, as_root):
-    # copyfile uses copy_file_range/sendfile on Linux; the result is written under its final name inside a
-    # .partial tree (or the working copy), so a crash leaves at worst a short file whose mtime differs and
-    # is copied again.
-    shutil.copyfile(src, dst, follow_symlinks=False)
-    if as_root:
-        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _same(st, other, as_root):
-    return (stat.S_ISREG(other.st_mode) and other.st_size == st.st_size and other.st_mtime_ns == st.st_mtime_ns
-            and stat.S_IMODE(other.st_mode) == stat.S_IMODE(st.st_mode)
-            and (not as_root or (other.st_uid, other.st_gid) == (st.st_uid, st.st_gid)))
-
-
 def _trusted(job, st, pst):
     """True when source directory ``st`` is unchanged since the previous snapshot's copy ``pst``."""
     return (job.trust_before_ns is not None and pst is not None and stat.S_ISDIR(pst.st_mode)
             and st.st_mtime_ns == pst.st_mtime_ns and st.st_ctime_ns < job.trust_before_ns
             and stat.S_IMODE(st.st_mode) == stat.S_IMODE(pst.st_mode)
             and (not job.as_root or (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid)))
-
-
-def _leaving(stats, st):
-    """Count an entry that leaves the in-place copy (sizes as rsync's "total file size": files and
-    symlinks)."""
-    if stat.S_ISREG(st.st_mode):
-        stats.add(delta_files=-1, delta_bytes=-st.st_size)
-    elif stat.S_ISLNK(st.st_mode):
-        stats.add(delta_bytes=-st.st_size)
-
-
-def _discard(job, stats, path, st):
-    """Remove ``path`` (lstat ``st``), counting what leaves the in-place copy."""
-    if stat.S_ISDIR(st.st_mode):
-        if job.in_place:
-            for dirpath, _dirs, names in os.walk(path):
-                for name in names:
-                    _leaving(stats, os.lstat(os.path.join(dirpath, name)))
-        tree_delete.remove_tree_python(os.fsdecode(path))
-        return
-    if job.in_place:
-        _leaving(stats, st)
-    os.unlink(path)
-
-
-def _symlink(job, stats, s_path, d_path, st, cleanup):
-    target = os.readlink(s_path)
-    stats.add(symlinks=1, bytes_total=len(target))
-    if cleanup and os.path.lexists(d_path):
-        if os.path.islink(d_path) and os.readlink(d_path) == target:
-            return
-        _discard(job, stats, d_path, os.lstat(d_path))
-    os.symlink(target, d_path)
-    if job.as_root:
-        os.chown(d_path, st.st_uid, st.st_gid, follow_symlinks=False)
-    stats.add(delta_bytes=len(target))
-
-
-def _file(job, stats, s_path, p_path, d_path, st):
-    """Make ``d_path`` the source file ``s_path`` (lstat ``st``): kept, linked from ``p_path`` or copied."""
-    size = st.st_size
-    existing = None
-    if job.resume or job.in_place:
-        try:
-            existing = os.lstat(d_path)
-        except FileNotFoundError:
-            pass
-        if existing is not None and _same(st, existing, job.as_root):
-            if job.in_place:  # unchanged since the previous state
-                stats.add(files=1, linked=1, bytes_total=size, bytes_linked=size)
-            else:  # already copied by the interrupted run
-                stats.add(files=1, copied=1, bytes_total=size)
-            return
-    if p_path is not None and not job.in_place:
-        try:
-            pst = os.lstat(p_path)
-        except FileNotFoundError:
-            pst = None
-        if pst is not None and _same(st, pst, job.as_root):
-            try:
-                try:
-                    os.link(p_path, d_path)
-                except FileExistsError:
-                    os.unlink(d_path)
-                    os.link(p_path, d_path)
-                stats.add(files=1, linked=1, bytes_total=size, bytes_linked=size)
-                return
-            except OSError as exc:
-                if exc.errno not in _CANNOT_LINK:
-                    raise
-    if existing is None and not job.in_place:
-        existing = os.lstat(d_path) if os.path.lexists(d_path) else None
-    if existing is not None:
-        _discard(job, stats, d_path, existing)
-    try:
-        _copy_file(s_path, d_path, st, job.as_root)
-    except FileNotFoundError:
-        if not os.path.lexists(s_path):
-            stats.add(vanished=1)
-            stats.warn("vanished during the copy: %r" % s_path)
-            return
-        raise
-    stats.add(files=1, copied=1, bytes_total=size, bytes_copied=size, delta_files=1, delta_bytes=size)
-
-
-def _ensure_dir(job, stats, d_path, existing=None):
-    """Make ``d_path`` a directory (kept when it is one); ``existing``: its lstat, if known."""
-    if existing is None:
-        try:
-            existing = os.lstat(d_path)
-        except FileNotFoundError:
-            pass
-    if existing is not None and stat.S_ISDIR(existing.st_mode):
-        return
-    if existing is not None:
-        _discard(job, stats, d_path, existing)
-    os.mkdir(d_path, 0o700)
-
-
-def _sync_dir(job, stats, s, p, d, cleanup):
-    """Compare every entry of source directory ``s`` with ``p`` (the previous snapshot's copy, or None)
-    and fill ``d``. ``cleanup``: ``d`` may hold entries the source lacks (resumed, in place, or half done
-    by the unchanged-directory path). Returns the subdirectories [(s, p, d, lstat)] to descend into."""
-    try:
-        entries = list(os.scandir(s))
-    except FileNotFoundError:
-        stats.add(vanished=1)
-        return []
-    stats.add(dirs_compared=1)
-    wanted = set()
-    subdirs = []
-    for entry in entries:
-        name = entry.name
-        wanted.add(name)
-        s_path, d_path = entry.path, os.path.join(d, name)
-        p_path = os.path.join(p, name) if p is not None else None
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            stats.add(vanished=1)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            if cleanup:
-                _ensure_dir(job, stats, d_path)
-            else:
-                os.mkdir(d_path, 0o700)
-            stats.add(dirs=1)
-            subdirs.append((s_path, p_path, d_path, st))
-        elif stat.S_ISREG(st.st_mode):
-            _file(job, stats, s_path, p_path, d_path, st)
-        elif stat.S_ISLNK(st.st_mode):
-            _symlink(job, stats, s_path, d_path, st, cleanup)
-        else:
-            stats.add(skipped_special=1)
-            stats.warn("not a file, directory or symlink, skipped: %r" % s_path)
-    if cleanup:
-        for name in os.listdir(d):
-            if name not in wanted:
-                path = os.path.join(d, name)
-                _discard(job, stats, path, os.lstat(path))
-    return subdirs
-
-
-def _linked_dir(job, stats, s, p, d):
-    """An unchanged directory, hardlink mode: link ``p``'s files and symlinks into ``d`` by name. Returns
-    the subdirectories, or None when ``p`` does not look like the source after all (then the caller
-    compares every entry)."""
-    names, subdirs = [], []
-    with os.scandir(p) as listing:
-        for entry in listing:
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.name)
-            elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                names.append(entry.name)
-            else:
-                return None
-    children = []
-    for name in subdirs:
-        child = os.path.join(s, name)
-        try:
-            cst = os.lstat(child)
-        except FileNotFoundError:
-            stats.add(vanished=1)
-            continue
-        if not stat.S_ISDIR(cst.st_mode):
-            return None
-        children.append((child, os.path.join(p, name), os.path.join(d, name), cst))
-    pfd = os.open(p, _DIR_FLAGS)
-    try:
-        dfd = os.open(d, _DIR_FLAGS)
-        try:
-            for name in names:
-                _link_by_name(job, stats, name, pfd, dfd, os.path.join(s, name), os.path.join(d, name))
-            if job.resume:  # a resumed partial may hold entries the previous snapshot lacks
-                keep = set(names) | set(subdirs)
-                for name in os.listdir(d):
-                    if name not in keep:
-                        path = os.path.join(d, name)
-                        _discard(job, stats, path, os.lstat(path))
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(pfd)
-    for child in children:
-        if job.resume:
-            _ensure_dir(job, stats, child[2])
-        else:
-            os.mkdir(child[2], 0o700)
-    stats.add(dirs=len(children), dirs_trusted=1)
-    return children
-
-
-def _link_by_name(job, stats, name, pfd, dfd, s_path, d_path):
-    try:
-        try:
-            os.link(name, name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
-        except FileExistsError:  # left by the interrupted run this one resumes
-            os.unlink(name, dir_fd=dfd)
-            os.link(name, name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _CANNOT_LINK:
-            raise
-        try:
-            st = os.lstat(s_path)
-        except FileNotFoundError:
-            stats.add(vanished=1)
-            return
-        if stat.S_ISLNK(st.st_mode):
-            _symlink(job, stats, s_path, d_path, st, True)
-        else:
-            _file(job, stats, s_path, None, d_path, st)
-        return
-    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)  # the inode is cached by the link: cheap
-    if stat.S_ISREG(st.st_mode):
-        stats.add(files=1, linked=1, bytes_total=st.st_size, bytes_linked=st.st_size)
-    else:
-        stats.add(symlinks=1, bytes_total=st.st_size)
 
 
 def _unchanged_in_place(job, stats, s, d, st):
@@ -359,16 +120,16 @@ def _process(job, stats, item, dir_attrs):
         if _trusted(job, st, pst):
             if job.in_place:
                 return _unchanged_in_place(job, stats, s, d, st)
-            children = _linked_dir(job, stats, s, p, d)
+            children = linktree_ops.linked_dir(job, stats, s, p, d)
             if children is not None:
                 dir_attrs.append((d, st))
                 return children
     if job.in_place:
-        _ensure_dir(job, stats, d)
+        linktree_ops.ensure_dir(job, stats, d)
         p = None  # compared against d itself
     elif p is not None and not os.path.isdir(p):
         p = None
-    children = _sync_dir(job, stats, s, p, d, cleanup=job.resume or job.in_place)
+    children = linktree_ops.compare_dir(job, stats, s, p, d, cleanup=job.resume or job.in_place)
     dir_attrs.append((d, st))
     if job.in_place:
         return [(cs, cd, cd, cst) for cs, _p, cd, cst in children]
@@ -413,7 +174,7 @@ def snapshot(source, dest, previous=None, workers=4, resume=False, trust_before_
     try:
         root_st = os.stat(src)
         # The root is always compared: the snapshot root's own mode is changed to 0700 afterwards.
-        items = _sync_dir(job, stats, src, prev if prev and os.path.isdir(prev) else None, dst,
+        items = linktree_ops.compare_dir(job, stats, src, prev if prev and os.path.isdir(prev) else None, dst,
                           cleanup=job.resume or in_place)
         if in_place:
             items = [(s, d, d, st) for s, _p, d, st in items]
