@@ -11,6 +11,7 @@ import shutil
 import time
 
 import catalog
+import safe_files
 
 # (what, path relative to ALF_BASE_DIR, name in the backup)
 ITEMS = [
@@ -71,13 +72,14 @@ def copy_config(alf_base_dir, backup_dir, name, log):
         os.umask(old_umask)
     for root, _dirs, files in os.walk(partial):
         size += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    os.rename(partial, final)
-    catalog.fsync_dir(dest_root)
+    safe_files.fsync_tree(partial)  # the keystore must be on disk before the copy counts
     info = {"kind": "config", "name": name, "status": catalog.DONE, "source": alf_base_dir,
             "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
             "duration_s": round(time.monotonic() - started, 3), "items": copied, "size_bytes": size,
             "warnings": warnings}
-    catalog.write_info(final, info)
+    catalog.write_info(final, info)  # before the rename: see base_backup.take_base_backup
+    os.rename(partial, final)
+    catalog.fsync_dir(dest_root)
     if eager_orphan_cleanup(os.path.join(alf_base_dir, ITEMS[1][1])):
         warnings.append("system.content.eagerOrphanCleanup=true in alfresco-global.properties: deleted content "
                         "is removed at once, so a hot backup can miss files the database still references; "

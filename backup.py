@@ -11,15 +11,18 @@ import argparse
 import datetime
 import logging
 import os
-import socket
 import sys
 import time
 import traceback
 
+import catalog
 import config
 import email_alert
 import lock
+import metrics
+import monitor
 import runner
+import safe_files
 import status
 import subprocess_utils
 
@@ -33,22 +36,6 @@ EXIT_CODES = {
 LOG = logging.getLogger("backup")
 
 
-class SecretFilter(logging.Filter):
-    """Masks every configured secret in every log record, whatever logged it."""
-
-    def __init__(self, secrets):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record):
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "********")
-            record.msg, record.args = message, None
-        return True
-
-
 def setup_logging(backup_dir, secrets, to_file=True):
     """Log to stdout and (unless ``to_file`` is False) ``BACKUP_DIR/backup-YYYY-MM-DD.log`` (0600).
 
@@ -59,12 +46,12 @@ def setup_logging(backup_dir, secrets, to_file=True):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    secret_filter = SecretFilter(secrets)
+    secret_filter = subprocess_utils.MaskingFilter(secrets)
     handlers = [logging.StreamHandler(sys.stdout)]
     path = None
     if to_file:
         path = os.path.join(backup_dir, "backup-%s.log" % datetime.date.today().isoformat())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = safe_files.open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(fmt)
@@ -93,17 +80,21 @@ def parse_args(argv):
 
 
 def config_error_exit(exc, env_path):
-    """Report every configuration problem, alert if the mail settings alone are usable, exit code."""
+    """Report every configuration problem; alert and ping with the settings that are usable on their own
+    (a .env that cannot be read gives neither). Returns the exit code."""
     sys.stderr.write("%s\n" % exc)
     try:
-        mail_cfg = config.mail_config(config.read_env_file(env_path))
+        raw = config.read_env_file(env_path)
     except config.ConfigError:
-        mail_cfg = None
+        return EXIT_CONFIG
+    mail_cfg, mon_cfg = config.mail_config(raw), config.subset_config(raw, config.MONITOR_KEYS)[0]
+    secrets = [raw[k] for k in config.SECRET_NAMES if raw.get(k)] + mon_cfg.secrets()
+    logging.basicConfig(level=logging.INFO)
     if mail_cfg is not None:
-        subject, body = email_alert.build_report(socket.getfqdn(), False, [
+        subject, body = email_alert.build_report(monitor.mail_host(mon_cfg), False, [
             {"name": "configuration", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
-        logging.basicConfig(level=logging.INFO)
-        email_alert.notify(mail_cfg, False, subject, body, LOG, secrets=mail_cfg.secrets())
+        email_alert.notify(mail_cfg, False, subject, body, LOG, secrets=secrets)
+    monitor.ping_once(mon_cfg, EXIT_CONFIG, str(exc), LOG, secrets=secrets)
     return EXIT_CONFIG
 
 
@@ -136,7 +127,8 @@ def main(argv=None):
     if args.status:
         setup_logging(cfg.BACKUP_DIR, cfg.secrets(), to_file=False)
         logging.getLogger().setLevel(logging.WARNING)
-        return status.report(cfg, as_json=args.json)
+        return status.report(cfg, as_json=args.json, publish=lambda doc: metrics.publish(
+            cfg, doc, lambda message: sys.stderr.write("warning: %s\n" % message)))
     if args.check:
         setup_logging(cfg.BACKUP_DIR, cfg.secrets())
         return status.check(cfg, LOG)
@@ -150,10 +142,11 @@ def main(argv=None):
         backup_lock.acquire()
     except lock.LockHeld as exc:
         sys.stderr.write("%s\n" % exc)
-        subject, body = email_alert.build_report(socket.getfqdn(), False, [
+        subject, body = email_alert.build_report(monitor.mail_host(cfg), False, [
             {"name": "lock", "status": "FAILED", "duration": 0, "detail": str(exc)}], error=str(exc))
         logging.basicConfig(level=logging.INFO)
         email_alert.notify(cfg, False, subject, body, LOG, secrets=cfg.secrets())
+        monitor.ping_once(cfg, EXIT_LOCKED, str(exc), LOG, secrets=cfg.secrets())
         return EXIT_LOCKED
     except OSError as exc:
         return config_error_exit(config.ConfigError([("BACKUP_DIR", "cannot take the lock: %s" % exc)]),
@@ -175,26 +168,38 @@ def main(argv=None):
 
 
 def run_backup(cfg, log_path):
-    """Run every stage, print the summary, send the alert. Returns the exit code."""
-    started = time.monotonic()
-    LOG.info("backup run started (pid %d, config %s)", os.getpid(), cfg.env_path)
-    night = runner.Night(cfg, LOG)
+    """Run every stage, print the summary, write the status files, send the alert and the pings. Returns the
+    exit code."""
+    started, started_at = time.monotonic(), catalog.utc_now_iso()
+    pinger = monitor.Pinger(cfg, LOG, log_path, secrets=cfg.secrets())
+    LOG.info("backup run started (pid %d, config %s, installation %s)", os.getpid(), cfg.env_path,
+             cfg.installation_name)
+    pinger.start()
+    exit_code, why = EXIT_FAILED, "the run ended unexpectedly: see the log"
     try:
-        night.run_all()
-    except Exception as exc:  # a bug of ours must still end in a summary, an alert and a non-zero exit
-        LOG.error("unexpected error: %s\n%s", exc, traceback.format_exc())
-        night.record_unexpected(exc)
-    summary = night.summary(time.monotonic() - started)
-    for line in summary.splitlines():
-        LOG.info(line)
-    ok = night.ok
-    failed = night.first_failure()
-    subject, body = email_alert.build_report(
-        socket.getfqdn(), ok, night.stage_dicts(), error=failed.error if failed else None,
-        tool_output_tail=failed.tool_output if failed else "", log_path=log_path,
-        extra_sections=night.extra_sections())
-    email_alert.notify(cfg, ok, subject, body, LOG, secrets=cfg.secrets())
-    return EXIT_OK if ok else EXIT_FAILED
+        night = runner.Night(cfg, LOG)
+        try:
+            night.run_all()
+        except Exception as exc:  # a bug of ours must still end in a summary, an alert and a non-zero exit
+            LOG.error("unexpected error: %s\n%s", exc, traceback.format_exc())
+            night.record_unexpected(exc)
+        summary = night.summary(time.monotonic() - started)
+        for line in summary.splitlines():
+            LOG.info(line)
+        ok = night.ok
+        failed = night.first_failure()
+        exit_code, why = (EXIT_OK, "") if ok else (EXIT_FAILED, "failed stage %s: %s" % (failed.name, failed.error))
+        metrics.publish_run(cfg, night, metrics.run_record(night, started_at, catalog.utc_now_iso(),
+                                                           time.monotonic() - started, exit_code, log_path),
+                            LOG.warning)
+        subject, body = email_alert.build_report(
+            monitor.mail_host(cfg), ok, night.stage_dicts(), error=failed.error if failed else None,
+            tool_output_tail=failed.tool_output if failed else "", log_path=log_path,
+            extra_sections=night.extra_sections())
+        email_alert.notify(cfg, ok, subject, body, LOG, secrets=cfg.secrets())
+    finally:
+        pinger.finish(exit_code, why)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import threading
 import time
 
 import catalog
+import pg_versions
 import postgres
+import safe_files
 import subprocess_utils
 import tar_io
 import wal
@@ -106,7 +108,7 @@ def check_backup_dir(directory, wal_method, server_num, base_scan=None):
         if wal_members is None:
             raise PostgresError("pg_basebackup streamed WAL but wrote no pg_wal.tar*")
     else:
-        wal_dir = "pg_wal/" if server_num >= 100000 else "pg_xlog/"
+        wal_dir = pg_versions.wal_dir(server_num) + "/"
         wal_members = {k[len(wal_dir):]: v for k, v in members.items() if k.startswith(wal_dir)}
     if facts["start_wal_file"] not in wal_members:
         raise PostgresError("the backup lacks WAL segment %s, where it starts: it could not be restored"
@@ -176,8 +178,8 @@ def take_base_backup(cfg, server, dest_root, name, log):
         os.chmod(os.path.join(partial, member), 0o600)
     for note in plan.notes:
         log.warning(note)
-    os.rename(partial, final)
-    catalog.fsync_dir(dest_root)
+    # On disk before anything says it exists: zstd --rm and 9.x pg_basebackup do not fsync what they write.
+    safe_files.fsync_tree(partial)
     info = {
         "kind": "postgres", "name": name, "status": catalog.WAITING_FOR_WAL,
         "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
@@ -195,7 +197,11 @@ def take_base_backup(cfg, server, dest_root, name, log):
         "files": facts["files"], "size_bytes": sum(facts["files"].values()),
         "database_size_bytes": server.get("database_size"),
     }
+    # Metadata first, then the rename: until the rename the directory reads PARTIAL whatever the .json says,
+    # so a crash in between never leaves a backup directory without metadata.
     catalog.write_info(final, info)
+    os.rename(partial, final)
+    catalog.fsync_dir(dest_root)
     return info
 
 

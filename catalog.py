@@ -11,7 +11,9 @@ Layout (every kind has its own folder under BACKUP_DIR)::
     <kind>/<name>.partial/                          being written, or left behind by a failed run
 
 The metadata file sits *beside* the directory (so a restored contentstore holds no foreign file) and is
-written last, atomically. Its ``status`` is one of :data:`STATUSES`; a directory without a readable
+written atomically once the ``.partial`` tree is on disk, just before the rename (a ``.partial`` directory reads
+PARTIAL whatever its metadata says, so a crash in between never leaves a directory without metadata). Its
+``status`` is one of :data:`STATUSES`; a directory without a readable
 metadata file is INCOMPLETE. Only DONE backups are link-dest bases, retention survivors that count and
 restore sources.
 

@@ -10,11 +10,14 @@ import os
 import pwd
 import re
 import shlex
+import socket
 import stat
 import sys
+import urllib.parse
 
 # (name, type, default, required, description, secret)
-# Types: str, int, port, bool, path (absolute), choice:a|b, emails (comma-separated list), compression.
+# Types: str, int, port, bool, path (absolute), choice:a|b, emails (comma-separated list), compression,
+# url (http/https; never echoed in messages, it may carry a secret), name (one line, printable, <= 64 chars).
 OPTIONS = [
     ("PGHOST", "str", "localhost", False,
      "PostgreSQL host name, or the Unix socket directory (e.g. /tmp or the bundle's socket dir)", False),
@@ -76,6 +79,19 @@ OPTIONS = [
     ("ALERT_FROM", "str", "", False, "Sender address; empty: alfresco-backup@<host name>", False),
     ("ALERT_ON", "choice:failure|always|never", "failure", False,
      "failure: mail only failures; always: also a summary of good runs; never", False),
+    ("INSTALLATION_NAME", "name", "", False,
+     "Name of this installation in every mail, ping and metric (give each .env on a host its own); empty: the "
+     "host name", False),
+    ("PING_URL", "url", "", False, "Dead man's switch pinged when a run starts, succeeds or fails (Healthchecks, "
+     "Uptime Kuma push...); only scheme and host are ever logged; empty: no pings", True),
+    ("PING_STYLE", "choice:healthchecks|exitcode|plain", "healthchecks", False,
+     "healthchecks: PING_URL/start, then PING_URL or PING_URL/fail with the log's tail as the body; exitcode: "
+     "PING_URL/<exit code> at the end; plain: one GET of PING_URL?status=up (or down)&msg=... at the end", False),
+    ("PING_TIMEOUT", "int", "10", False, "Seconds a ping may take, retries included (at least 1); a monitor "
+     "that is down or slow never changes the run's result", False),
+    ("PING_CA_FILE", "path", "", False, "Extra CA certificate file for a monitor behind a private CA", False),
+    ("METRICS_FILE", "path", "", False, "Prometheus text file (node_exporter textfile collector, name ending "
+     ".prom) written at the end of every run and by --status, mode 0644; empty: none", False),
 ]
 
 OPTION_NAMES = [row[0] for row in OPTIONS]
@@ -104,8 +120,18 @@ class Config:
         self.warnings = warnings
 
     def secrets(self):
-        """Every secret value in the configuration, for masking."""
-        return [getattr(self, name, "") for name in SECRET_NAMES if getattr(self, name, "")]
+        """Every secret value in the configuration, for masking (a ping URL also without its query and as its
+        bare path: Healthchecks URLs carry their secret in the path)."""
+        found = [getattr(self, name, "") for name in SECRET_NAMES if getattr(self, name, "")]
+        if getattr(self, "PING_URL", ""):
+            parts = urllib.parse.urlsplit(self.PING_URL)
+            path = parts.path.rstrip("/")
+            found += [urllib.parse.urlunsplit(parts[:2] + (path, "", ""))] + ([path] if len(path) >= 8 else [])
+        return found
+
+    @property
+    def installation_name(self):
+        return getattr(self, "INSTALLATION_NAME", "") or socket.gethostname()
 
     @property
     def pgdata(self):
@@ -168,6 +194,17 @@ def _convert(name, kind, raw, problems):
             problems.append((name, "not an e-mail address: %s" % ", ".join(repr(b) for b in bad)))
             return None
         return addresses
+    if kind == "url":
+        parts = urllib.parse.urlsplit(raw) if re.match(r"^[^\s\x00-\x1f]*$", raw) else None
+        if raw and not (parts and parts.scheme in ("http", "https") and parts.hostname):
+            problems.append((name, "must be an http:// or https:// URL with a host name (value not shown)"))
+            return None
+        return raw
+    if kind == "name":
+        if len(raw) > 64 or not raw.isprintable():
+            problems.append((name, "must be at most 64 printable characters on one line"))
+            return None
+        return raw
     if kind == "compression":
         match = COMPRESSION_RE.match(raw.lower())
         if not match:
@@ -212,6 +249,11 @@ def validate(raw_values, env_path=None, check_paths=True):
         warnings.append(("SMTP_HOST", "not set: failures will not be e-mailed"))
     if values.get("SMTP_USER") and not values.get("SMTP_PASSWORD"):
         warnings.append(("SMTP_PASSWORD", "empty while SMTP_USER is set"))
+    ping = urllib.parse.urlsplit(values.get("PING_URL") or "")
+    if ping.scheme == "http" and ping.hostname not in ("localhost", "::1") and not ping.hostname.startswith("127."):
+        warnings.append(("PING_URL", "uses http://: its secret crosses the network unencrypted; use https://"))
+    if not (values.get("METRICS_FILE") or ".prom").endswith(".prom"):
+        warnings.append(("METRICS_FILE", "node_exporter's textfile collector reads only files ending in .prom"))
     if problems:
         raise ConfigError(problems, env_path)
     return Config(values, env_path, warnings)
@@ -232,9 +274,13 @@ def _check_paths(values, problems):
                              "copy the previous ones" % store))
     if backup_dir and os.path.exists(backup_dir) and not os.path.isdir(backup_dir):
         problems.append(("BACKUP_DIR", "exists but is not a directory: %s" % backup_dir))
-    ca_file = values.get("SMTP_CA_FILE")
-    if ca_file and not os.path.isfile(ca_file):
-        problems.append(("SMTP_CA_FILE", "file does not exist: %s" % ca_file))
+    for name in ("SMTP_CA_FILE", "PING_CA_FILE"):
+        if values.get(name) and not os.path.isfile(values[name]):
+            problems.append((name, "file does not exist: %s" % values[name]))
+    metrics = values.get("METRICS_FILE")
+    if metrics and not os.path.isdir(os.path.dirname(metrics)):
+        problems.append(("METRICS_FILE", "directory does not exist: %s (for %s; create it, writable by this "
+                         "user)" % (os.path.dirname(metrics), metrics)))
 
 
 def root_refusal(env_path, argv):
@@ -300,21 +346,26 @@ def load_config(env_path=None, check_paths=True):
 
 MAIL_KEYS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD", "SMTP_TIMEOUT",
              "SMTP_CA_FILE", "ALERT_EMAIL", "ALERT_FROM", "ALERT_ON")
+MONITOR_KEYS = ("INSTALLATION_NAME", "PING_URL", "PING_STYLE", "PING_TIMEOUT", "PING_CA_FILE")
 
 
-def mail_config(raw_values):
-    """A Config with only the mail options, when they are valid on their own, else None.
+def subset_config(raw_values, keys):
+    """(Config of only ``keys``, each invalid value replaced by its default; the problems found).
 
-    Lets an entry point send the alert for a configuration error elsewhere in the file.
+    Lets an entry point alert, ping and name the installation for a configuration error elsewhere in the file.
     """
     problems, values = [], {}
     for name, kind, default, _required, _description, _secret in OPTIONS:
-        if name in MAIL_KEYS:
-            raw = (raw_values.get(name) or "").strip() or default or ""
-            values[name] = _convert(name, kind, raw, problems)
-    if problems or not values.get("SMTP_HOST") or not values.get("ALERT_EMAIL"):
-        return None
-    return Config(values, None, [])
+        if name in keys:
+            value = _convert(name, kind, (raw_values.get(name) or "").strip() or default or "", problems)
+            values[name] = _convert(name, kind, default or "", []) if value is None else value
+    return Config(values, None, []), problems
+
+
+def mail_config(raw_values):
+    """A Config with only the mail options when they are valid on their own and name a server, else None."""
+    cfg, problems = subset_config(raw_values, MAIL_KEYS)
+    return None if problems or not cfg.SMTP_HOST or not cfg.ALERT_EMAIL else cfg
 
 
 def env_example():

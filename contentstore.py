@@ -25,6 +25,7 @@ import btrfs_snapshot
 import catalog
 import first_copy
 import linktree
+import safe_files
 import subprocess_utils
 import tree_delete
 
@@ -175,8 +176,9 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
     # became read-only).
     if engine != "btrfs":
         os.chmod(partial, 0o700)
-    os.rename(partial, final)
-    catalog.fsync_dir(dest_root)
+    # Every copied file and new directory entry on disk before the snapshot counts: later nights hardlink
+    # these files by size+mtime, so a zero-filled one after a power cut would spread into every snapshot.
+    safe_files.sync_filesystem(partial)
     info = {
         "kind": "contentstore", "name": name, "status": catalog.DONE, "source": source,
         "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
@@ -191,7 +193,9 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         last_full_compare(previous.info).isoformat(timespec="microseconds"),
         "dirs_trusted": stats.get("dirs_trusted"), "dirs_compared": stats.get("dirs_compared"),
     }
-    catalog.write_info(final, info)
+    catalog.write_info(final, info)  # before the rename: see base_backup.take_base_backup
+    os.rename(partial, final)
+    catalog.fsync_dir(dest_root)
     return info
 
 

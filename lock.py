@@ -16,8 +16,9 @@ run truncate or write into the file it points at.
 import errno
 import fcntl
 import os
-import stat
 import time
+
+from safe_files import open_private
 
 LOCK_NAME = "backup.lock"
 RESTORE_LOCK_NAME = "restore.lock"
@@ -34,26 +35,6 @@ class LockHeld(Exception):
         self.pid = pid
         what = what or _HELD_BY.get(os.path.basename(path), "another process holds the lock")
         super().__init__("%s (pid %s); lock file %s" % (what, pid if pid else "unknown", path))
-
-
-def open_private(path, flags, mode=0o600):
-    """Open ``path`` without following a symlink (``O_NOFOLLOW``) and check on the open descriptor that it is a
-    regular file owned by this process's user. Returns the fd; raises OSError (ELOOP for a symlink, EPERM for
-    a file of someone else or not a regular file, with a message naming it)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "%s is a symbolic link; refusing to follow it (remove it: it was not made "
-                                       "by this program)" % path)
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-        os.close(fd)
-        raise OSError(errno.EPERM, "%s is %s owned by uid %d, not a file of this user (uid %d): remove it or fix "
-                                   "its owner (chown)" % (path, "a file" if stat.S_ISREG(info.st_mode) else
-                                                          "not a regular file", info.st_uid, os.geteuid()))
-    return fd
 
 
 class BackupLock:

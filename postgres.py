@@ -6,13 +6,13 @@ pair, compression and its fallbacks). Taking and checking the backup is :mod:`ba
 """
 
 import os
-import re
 import shutil
 
+import pg_versions
 import subprocess_utils
 import tar_io
 
-MIN_TAR_SERVER_FOR_NEW_CLIENT = 90500  # a 15+ pg_basebackup cannot take tar backups of 9.4
+MIN_TAR_SERVER_FOR_NEW_CLIENT = pg_versions.MIN_TAR_SERVER_FOR_NEW_CLIENT
 
 
 class PostgresError(Exception):
@@ -37,27 +37,17 @@ def find_bin_dir(pg_bin_dir, alf_base_dir):
 
 
 def parse_version_num(text):
-    """'pg_basebackup (PostgreSQL) 15.18 (Debian ...)' → 150018; '9.4.26' → 90426; '16devel' → 160000."""
-    match = re.search(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?(?:\.(\d+))?", text) or \
-        re.search(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", text)
-    if not match:
-        raise PostgresError("cannot read a PostgreSQL version from %r" % text.strip())
-    major, second, third = int(match.group(1)), int(match.group(2) or 0), int(match.group(3) or 0)
-    if major >= 10:
-        return major * 10000 + second
-    return major * 10000 + second * 100 + third
+    """'pg_basebackup (PostgreSQL) 15.18 (Debian ...)' → 150018 (pg_versions.parse_version_num). Raises
+    PostgresError."""
+    try:
+        return pg_versions.parse_version_num(text)
+    except ValueError as exc:
+        raise PostgresError(str(exc))
 
 
-def version_label(num):
-    """150018 → '15.18', 90426 → '9.4.26'."""
-    if num >= 100000:
-        return "%d.%d" % (num // 10000, num % 10000)
-    return "%d.%d.%d" % (num // 10000, num // 100 % 100, num % 100)
-
-
-def major_of(num):
-    """150018 → 150000, 90426 → 90400: what version checks compare."""
-    return num // 10000 * 10000 if num >= 100000 else num // 100 * 100
+# Kept under their old names: the rules live in pg_versions.
+version_label = pg_versions.version_label
+major_of = pg_versions.major_of
 
 
 def client_version(bin_dir, env):
@@ -94,40 +84,42 @@ def basebackup_plan(client_num, server_num, compression, label):
 
     Raises PostgresError when this client cannot back up this server at all.
     """
-    if major_of(client_num) < major_of(server_num):
+    refusal = pg_versions.tar_backup_refusal(client_num, server_num)
+    if refusal == "older than the server":
         raise PostgresError(
             "pg_basebackup %s is older than the server (%s): use the server's own tools (PG_BIN_DIR, or "
             "ALF_BASE_DIR/postgresql/bin)" % (version_label(client_num), version_label(server_num)))
-    if client_num >= 150000 and server_num < MIN_TAR_SERVER_FOR_NEW_CLIENT:
+    if refusal:
         raise PostgresError(
             "pg_basebackup %s cannot take tar-format backups of a %s server: set PG_BIN_DIR to the bundle's "
             "postgresql/bin" % (version_label(client_num), version_label(server_num)))
     notes = []
+    new_syntax = pg_versions.compress_syntax_new(client_num)
+    server_side = pg_versions.server_compression_possible(client_num, server_num)
     location, method, level = parse_compression(compression)
     if location is None:
         # Measured here: server-side zstd 0.56-0.75 s vs client-side 0.79-0.99 s for the same 450 MB cluster.
-        location = "server" if client_num >= 150000 and server_num >= 150000 else "client"
-    if client_num < 150000 and method in ("zstd", "lz4"):
+        location = "server" if server_side else "client"
+    if not new_syntax and method in ("zstd", "lz4"):
         notes.append("pg_basebackup %s supports only gzip; using gzip instead of %s"
                      % (version_label(client_num), method))
         method, level = "gzip", None
-    if location == "server" and (client_num < 150000 or server_num < 150000 or method == "none"):
+    if location == "server" and (not server_side or method == "none"):
         if method != "none":
             notes.append("server-side compression needs PostgreSQL 15+ on both ends; compressing on the client")
         location = "client"
-    # Before 10, tar format cannot stream WAL; fetch copies it at the end (needs wal_keep_segments).
-    wal_method = "stream" if client_num >= 100000 else "fetch"
+    wal_method = pg_versions.basebackup_wal_method(client_num)
     args = ["-F", "t", "-X", wal_method, "--checkpoint=fast", "--label=%s" % label, "--no-password",
             "--verbose"]
     if method != "none":
-        if client_num >= 150000:
+        if new_syntax:
             spec = "%s-%s" % (location, method) + (":level=%d" % level if level is not None else "")
             args.append("--compress=%s" % spec)
         elif level is not None:
             args.append("--compress=%d" % level)
         else:
             args.append("--gzip")
-    if client_num >= 130000 and server_num >= 130000:
+    if pg_versions.writes_manifest(client_num, server_num):
         args.append("--manifest-checksums=SHA256")
     return BasebackupPlan(args, wal_method, method, level, tar_io.EXTENSIONS[method], notes, location)
 
@@ -192,11 +184,7 @@ def server_facts(conn):
     """{'version_num', 'wal_segment_size', 'database_size' (Alfresco's), 'cluster_size' (all we can see)}."""
     num = int(query(conn, "SHOW server_version_num")[0][0])
     seg = query(conn, "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'")
-    seg_size = int(seg[0][0]) if seg else 16 * 1024 * 1024
-    if seg and seg[0][1] == "8kB":  # 9.x..10 report it in 8 kB blocks
-        seg_size *= 8192
-    elif seg and seg[0][1] == "B":
-        pass
+    seg_size = pg_versions.wal_segment_bytes(seg[0][0], seg[0][1]) if seg else 16 * 1024 * 1024
     size = query(conn, "SELECT pg_database_size(current_database())")[0][0]
     # Databases this role may not connect to cannot be measured; they are small in an Alfresco cluster.
     cluster = query(conn, "SELECT sum(pg_database_size(oid)) FROM pg_database "

@@ -9,21 +9,23 @@ scenario. This is an entry point: modules raise, this file catches, logs and cho
 
 import argparse
 import datetime
+import errno
 import json
 import logging
 import os
-import socket
 import sys
 
 import catalog
 import config
 import email_alert
 import lock
+import monitor
 import postgres
 import restore_db
 import restore_plan
 import restore_server
 import restore_settings
+import safe_files
 import subprocess_utils
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -39,17 +41,6 @@ LOG = logging.getLogger("restore")
 REPORT = logging.getLogger("restore.report")  # the log file only: what say() also prints plainly
 
 
-class _Mask(logging.Filter):
-    def __init__(self, secrets):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record):
-        if self.secrets:
-            record.msg, record.args = subprocess_utils.mask(record.getMessage(), self.secrets), None
-        return True
-
-
 def setup_logging(cfg, to_file):
     """INFO to stdout and, with ``to_file``, BACKUP_DIR/restore-YYYY-MM-DD.log (0600). Returns its path."""
     root = logging.getLogger()
@@ -59,11 +50,11 @@ def setup_logging(cfg, to_file):
     handlers, path = [logging.StreamHandler(sys.stdout)], None
     if to_file:
         path = os.path.join(cfg.BACKUP_DIR, "restore-%s.log" % datetime.date.today().isoformat())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = safe_files.open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.addFilter(_Mask(cfg.secrets()))
+        handler.addFilter(subprocess_utils.MaskingFilter(cfg.secrets()))
         root.addHandler(handler)
     REPORT.propagate = False
     for handler in list(REPORT.handlers):
@@ -173,10 +164,15 @@ def main(argv=None):
             return cmd_list(cfg, args.json)
         # As root no log file: a root-owned file in BACKUP_DIR would break the service user's next run.
         setup_logging(cfg, to_file=os.geteuid() != 0 and os.access(cfg.BACKUP_DIR, os.W_OK))
-        if args.command == "postgres":
-            return cmd_postgres(cfg, args)
-        if args.command == "contentstore":
-            return cmd_contentstore(cfg, args)
+        if args.command in ("postgres", "contentstore"):
+            reading = reading_lock(cfg)
+            if isinstance(reading, int):
+                return reading
+            try:
+                return cmd_postgres(cfg, args) if args.command == "postgres" else cmd_contentstore(cfg, args)
+            finally:
+                if reading is not None:
+                    reading.release()
         backup_lock = lock.BackupLock(cfg.BACKUP_DIR)
         try:
             backup_lock.acquire()
@@ -193,6 +189,25 @@ def main(argv=None):
     except (restore_db.RestoreError, postgres.PostgresError, subprocess_utils.CommandError, OSError) as exc:
         LOG.error("FAILED: %s", exc)
         return EXIT_FAILED
+
+
+def reading_lock(cfg):
+    """The shared restore.lock, held while a restore reads the backups (retention takes it exclusively and
+    skips a night instead of deleting the base backup or the WAL being replayed). Returns the held lock, None
+    when BACKUP_DIR cannot hold a lock file (a read-only copy of the backup disk), or EXIT_LOCKED."""
+    reading = lock.BackupLock(cfg.BACKUP_DIR, lock.RESTORE_LOCK_NAME, shared=True,
+                              what="retention is deleting old backups")
+    try:
+        return reading.acquire()
+    except lock.LockHeld as exc:
+        sys.stderr.write("%s: try again when that run's retention has finished\n" % exc)
+        return EXIT_LOCKED
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        LOG.warning("cannot take %s (%s): make sure no backup run's retention deletes what this restore reads",
+                    reading.path, exc.strerror)
+        return None
 
 
 # ---------------------------------------------------------------- list
@@ -283,6 +298,7 @@ def cmd_postgres(cfg, args):
     sockets = [args.socket_dir] if args.socket_dir else socket_dirs(dest)
     conns = [restore_server.conn_settings(cfg, host, port) for host in sockets + ["127.0.0.1"]]
     seconds = restore_server.wait_promoted(conns, dest, args.timeout, log_file, server.log_offset)
+    restore_db.clean_after_promotion(dest, keep_block=True, log=LOG)
     reached, line = server.outcome()
     if target.kind != "latest" and reached is not True:
         LOG.warning("could not confirm from %s that recovery stopped at the target %s", log_file, line)
@@ -387,7 +403,7 @@ def cmd_verify(cfg, args):
     stage = {"name": "verify", "status": "OK" if result.ok else "FAILED",
              "duration": result.details["timings"].get("total_s"),
              "detail": result.details["failures"][0] if result.details["failures"] else "restore drill"}
-    subject, body = email_alert.build_report(socket.getfqdn(), result.ok, [stage],
+    subject, body = email_alert.build_report(monitor.mail_host(cfg), result.ok, [stage],
                                              extra_sections=[("Restore drill", result.summary_text)])
     email_alert.notify(cfg, result.ok, subject, body, LOG, secrets=cfg.secrets())
     return EXIT_OK if result.ok else EXIT_FAILED

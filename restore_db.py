@@ -13,9 +13,11 @@ import sys
 import time
 
 import catalog
+import pg_versions
 import postgres
 import restore_plan
 import restore_settings
+import safe_files
 import subprocess_utils
 import tar_io
 import wal
@@ -106,12 +108,11 @@ def restore_command(cfg):
     return restore_settings.restore_command(python, os.path.join(PROJECT_DIR, "wal.py"), cfg.wal_archive_dir)
 
 
-def pg_tool(cfg, name, version_num, newer_ok=False):
+def pg_tool(cfg, name, version_num, newer_ok=False, fits=None):
     """Path of server tool ``name`` (pg_ctl, pg_verifybackup) of the backup's major version (or, with
-    ``newer_ok``, a later one): next to the client tools, else in /usr/lib/postgresql/<major>/bin, else on
-    PATH. Raises RestoreError."""
-    label = postgres.version_label(postgres.major_of(version_num)).rsplit(".", 1)[0] \
-        if version_num < 100000 else str(version_num // 10000)
+    ``newer_ok``, a later one; or one for which ``fits(tool_num, version_num)`` is true): next to the client
+    tools, else in /usr/lib/postgresql/<major>/bin, else on PATH. Raises RestoreError."""
+    label = pg_versions.major_label(version_num)
     candidates = []
     try:
         candidates.append(postgres.find_bin_dir(cfg.PG_BIN_DIR, cfg.ALF_BASE_DIR))
@@ -130,8 +131,9 @@ def pg_tool(cfg, name, version_num, newer_ok=False):
         try:
             out = subprocess_utils.run([path, "--version"], subprocess_utils.base_env(), timeout=30,
                                        what="%s --version" % name).stdout
-            found_major, wanted = postgres.major_of(postgres.parse_version_num(out)), postgres.major_of(version_num)
-            if found_major == wanted or (newer_ok and found_major > wanted):
+            found_num = postgres.parse_version_num(out)
+            found_major, wanted = postgres.major_of(found_num), postgres.major_of(version_num)
+            if fits(found_num, version_num) if fits else (found_major == wanted or (newer_ok and found_major > wanted)):
                 return path
         except (subprocess_utils.CommandError, postgres.PostgresError):
             continue
@@ -144,8 +146,7 @@ def data_dir_version(data_dir):
     150000). Raises RestoreError."""
     try:
         with open(os.path.join(data_dir, "PG_VERSION")) as handle:
-            parts = handle.read().strip().split(".")
-        return int(parts[0]) * 10000 + (int(parts[1]) * 100 if len(parts) > 1 else 0)
+            return pg_versions.major_from_label(handle.read())
     except (OSError, ValueError) as exc:
         raise RestoreError("cannot read %s/PG_VERSION: %s" % (data_dir, exc))
 
@@ -213,6 +214,9 @@ def extract(base, dest, log):
         log.info("extracting %s into %s", base_tar, dest)
         tar_io.extract(base_tar, dest)
         wal_dir = os.path.join(dest, restore_settings.wal_dir_name(version))
+        if os.path.islink(wal_dir):  # tar_io refuses such a member; a second guard costs nothing
+            raise RestoreError("%s is a symbolic link in the restored copy: refusing to extract WAL through it"
+                               % wal_dir)
         if not os.path.isdir(wal_dir):
             os.mkdir(wal_dir, 0o700)
         if wal_tar:
@@ -229,9 +233,8 @@ def extract(base, dest, log):
             if stale == "standby.signal":  # a standby's backup: it would wait for a primary, never promote
                 warnings.append("removed standby.signal from the restored copy (the backup was taken on a standby)")
     conf = os.path.join(dest, "postgresql.conf")
-    if os.path.isfile(conf):
-        with open(conf, encoding="utf-8", errors="surrogateescape") as handle:
-            text, names = restore_settings.neutralize_path_settings(handle.read())
+    if os.path.lexists(conf):
+        text, names = restore_settings.neutralize_path_settings(safe_files.read_text(conf))
         if names:
             warnings.append("commented out %s in the restored postgresql.conf: they pointed at the original "
                             "server's files" % ", ".join(names))
@@ -248,10 +251,10 @@ def verify_manifest(cfg, base, dest, log):
 
     Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
     manifest = os.path.join(base.path, "backup_manifest")
-    if not os.path.isfile(manifest) or (base.info.get("server_version_num") or 0) < 130000:
+    if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
         return None
     try:
-        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], newer_ok=True)
+        tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
         log.warning("%s; the manifest is not checked", exc)
         return None
@@ -266,25 +269,46 @@ def verify_manifest(cfg, base, dest, log):
 
 
 def _write(path, text, append):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o600)
-    with os.fdopen(fd, "a" if append else "w", encoding="utf-8", errors="surrogateescape") as handle:
-        handle.write(text)
+    # Never through a symlink: the restored tree came from an archive.
+    safe_files.write_text(path, text, append=append)
 
 
-def write_recovery(dest, files):
-    """Write restore_settings.RecoveryFiles into the data directory ``dest``."""
+def write_recovery(dest, files, log=None):
+    """Write restore_settings.RecoveryFiles into the data directory ``dest``. An earlier restore's block and
+    every recovery setting the backup carried (a server restored in place before it was backed up) are
+    removed from postgresql.auto.conf first: blocks never stack. Returns the names removed."""
     if files.recovery_conf is not None:
         _write(os.path.join(dest, "recovery.conf"), files.recovery_conf, append=False)
     if files.signal_file:
         _write(os.path.join(dest, files.signal_file), "", append=False)
+    auto = os.path.join(dest, "postgresql.auto.conf")
+    text = safe_files.read_text(auto) if os.path.lexists(auto) else ""
+    text, removed = restore_settings.clean_auto_conf(text)
+    if removed and log is not None:
+        log.info("removed stale recovery settings from the backup's postgresql.auto.conf: %s", ", ".join(removed))
     if files.auto_conf_block:
-        auto = os.path.join(dest, "postgresql.auto.conf")
-        prefix = ""
-        if os.path.isfile(auto) and os.path.getsize(auto):
-            with open(auto, "rb") as handle:
-                handle.seek(-1, os.SEEK_END)
-                prefix = "" if handle.read(1) == b"\n" else "\n"
-        _write(auto, prefix + files.auto_conf_block, append=True)
+        text += ("" if not text or text.endswith("\n") else "\n") + files.auto_conf_block
+    if text or os.path.lexists(auto):
+        _write(auto, text, append=False)
+    return removed
+
+
+def clean_after_promotion(data_dir, keep_block, log):
+    """Remove the recovery settings restore.py wrote into ``data_dir``/postgresql.auto.conf once the server
+    has promoted (they are read only at start-up): the next base backup must not carry them. ``keep_block``
+    keeps the rest of our block (archive_mode = off, port... of a throwaway copy). Never raises."""
+    auto = os.path.join(data_dir, "postgresql.auto.conf")
+    try:
+        text = safe_files.read_text(auto)
+        cleaned, names = restore_settings.remove_recovery_settings(text)
+        if not keep_block:
+            cleaned = restore_settings.remove_restore_blocks(cleaned)
+        if cleaned != text:
+            _write(auto, cleaned, append=False)
+            log.info("removed the recovery settings from %s (%s)", auto, ", ".join(names) or "restore.py block")
+    except OSError as exc:
+        log.warning("could not remove the recovery settings from %s: %s; remove the restore.py block by hand "
+                    "before the next base backup", auto, exc)
 
 
 def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
@@ -302,5 +326,5 @@ def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     started = time.monotonic()
     warnings = extract(base, dest, log)
     notes = [n for n in [verify_manifest(cfg, base, dest, log)] if n]
-    write_recovery(dest, files)
+    write_recovery(dest, files, log)
     return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}

@@ -18,6 +18,7 @@ import shutil
 import time
 
 import catalog
+import pg_versions
 import postgres
 import restore_db
 import restore_plan
@@ -39,6 +40,7 @@ class FullPlan:
     def __init__(self, cfg, db, snapshot, config, warnings, stamp):
         self.cfg, self.db, self.snapshot, self.config, self.warnings = cfg, db, snapshot, config, warnings
         self.stamp = stamp
+        self.rescued = {"archived": [], "copied": []}
         self.alfresco_sh = os.path.join(cfg.ALF_BASE_DIR, "alfresco.sh")
         self.moves = [(cfg.pgdata, "database"), (cfg.contentstore_dir, "contentstore")]
         if config is not None:
@@ -154,6 +156,9 @@ def restore_files(plan, log, timeline):
         result = restore_db.restore_database(cfg, plan.db, cfg.pgdata, log, timeline=timeline, keep_archiving=True)
         for warning in result["warnings"]:
             log.warning("%s", warning)
+        if os.path.isdir(plan.aside(cfg.pgdata)):
+            plan.rescued = rescue_unarchived_wal(plan.aside(cfg.pgdata), cfg.pgdata, cfg.wal_archive_dir,
+                                                 plan.db.base.info.get("server_version_num") or 0, log)
         store = cfg.contentstore_dir
         subprocess_utils.run(["rsync", "-a", "--numeric-ids", plan.snapshot.path.rstrip("/") + "/", store + "/"],
                              subprocess_utils.base_env(), what="copying the contentstore snapshot", log=log)
@@ -171,6 +176,47 @@ def restore_files(plan, log, timeline):
         put_back(plan, moved, log)
         raise
     return moved
+
+
+def rescue_unarchived_wal(old_data, new_data, archive_dir, version_num, log):
+    """Keep the WAL the old server wrote but had not archived yet (PostgreSQL's documented procedure for a
+    restore after a crash: the last minutes of commits, more when archiving lagged).
+
+    Segments and history files marked ``archive_status/<name>.ready`` in the moved-aside ``old_data`` are
+    archived now, as the old server would have done, so recovery fetches them like any other and the
+    archive keeps no gap; segments with no status at all (the one being written when the server stopped, and
+    recycled ones, whose stale pages recovery recognises as the end of WAL) are copied into the restored
+    ``pg_wal``. Returns {'archived': [names], 'copied': [names]}. Raises RestoreError when one cannot be
+    saved: restoring without it would silently lose those commits."""
+    import wal  # the archive_command's own code: the same durable, never-overwriting push
+
+    wal_dir = restore_settings.wal_dir_name(version_num)
+    old_wal, new_wal = os.path.join(old_data, wal_dir), os.path.join(new_data, wal_dir)
+    saved = {"archived": [], "copied": []}
+    if not os.path.isdir(old_wal) or os.path.islink(old_wal):
+        return saved
+    status_dir = os.path.join(old_wal, "archive_status")
+    status = set(os.listdir(status_dir)) if os.path.isdir(status_dir) else set()
+    archived = {n[:-3] if n.endswith(".gz") else n for n in wal.archive_segments(archive_dir)} \
+        if os.path.isdir(archive_dir) else set()
+    for name in sorted(os.listdir(old_wal)):
+        path = os.path.join(old_wal, name)
+        if not os.path.isfile(path) or os.path.islink(path) or name in archived:
+            continue
+        try:
+            if name + ".ready" in status:
+                wal.archive_push(path, archive_dir, compress=True)
+                saved["archived"].append(name)
+            elif wal.is_segment_name(name) and name + ".done" not in status:
+                shutil.copy2(path, os.path.join(new_wal, name))
+                saved["copied"].append(name)
+        except (OSError, wal.ArchiveFailed) as exc:
+            raise restore_db.RestoreError("cannot save WAL %s that the old server had not archived yet (%s): "
+                                          "restoring without it would lose its commits" % (path, exc))
+    if saved["archived"] or saved["copied"]:
+        log.info("saved the old server's unarchived WAL: archived %s; copied into %s: %s",
+                 ", ".join(saved["archived"]) or "none", new_wal, ", ".join(saved["copied"]) or "none")
+    return saved
 
 
 def filler(store, aside, log):
@@ -196,9 +242,7 @@ def check_restored(plan, log):
         counts = restore_verify.sanity_counts(conn)
         report = restore_verify.check_content(conn, store, filler(store, plan.aside(store), log))
         version = int(postgres.query(conn, "SHOW server_version_num")[0][0])
-        func = "pg_walfile_name(pg_current_wal_lsn())" if version >= 100000 else \
-            "pg_xlogfile_name(pg_current_xlog_location())"
-        timeline = int(postgres.query(conn, "SELECT %s" % func)[0][0][:8], 16)
+        timeline = int(postgres.query(conn, "SELECT %s" % pg_versions.current_wal_file_sql(version))[0][0][:8], 16)
     finally:
         conn.close()
     info = ["rows: " + ", ".join("%s %d" % item for item in counts.items()),
@@ -231,12 +275,18 @@ def run_full(plan, log, timeline="latest", stop_timeout=300, start_timeout=600, 
     rollback = restore_plan.rollback_commands(plan.alfresco_sh, rollback_moves)
     report = ["restored %s and %s; originals kept as *.before-restore-%s" % (
         plan.db.base.name, plan.snapshot.name, plan.stamp)]
+    if plan.rescued["archived"] or plan.rescued["copied"]:
+        report.append("kept %d WAL files the old server had not archived yet (%d archived now, %d copied into "
+                      "pg_wal): commits up to its last moment are recovered" % (
+                          len(plan.rescued["archived"]) + len(plan.rescued["copied"]), len(plan.rescued["archived"]),
+                          len(plan.rescued["copied"])))
     try:
         subprocess_utils.run([plan.alfresco_sh, "start", "postgresql"], subprocess_utils.base_env(),
                              timeout=start_timeout, ok_codes=ALL_CODES, what="alfresco.sh start postgresql", log=log,
                              daemon=True)
         seconds = restore_server.wait_promoted([cfg], cfg.pgdata, recovery_timeout, pg_log, offset)
         report.append("PostgreSQL recovered in %.1f s" % seconds)
+        restore_db.clean_after_promotion(cfg.pgdata, keep_block=False, log=log)
         reached, line = restore_settings.recovery_outcome(restore_server.read_from(pg_log, offset))
         if plan.db.target.kind not in ("latest",) and reached is not True:
             report.append("WARNING: could not confirm from %s that recovery stopped at the target%s" % (

@@ -14,6 +14,7 @@ Raises restore_plan.PlanError.
 import collections
 import re
 
+import pg_versions
 from restore_plan import PlanError, format_pg_time
 
 BLOCK_BEGIN = "# ---- begin restore.py"
@@ -40,25 +41,20 @@ def restore_command(python, wal_py, archive_dir):
     return '%s %s archive-get "%%f" "%%p" "%s"' % (parts[0], parts[1], archive_dir.replace("%", "%%"))
 
 
-def wal_dir_name(version_num):
-    """'pg_wal' from PostgreSQL 10 on, 'pg_xlog' before."""
-    return "pg_wal" if version_num >= 100000 else "pg_xlog"
-
-
-def uses_recovery_conf(version_num):
-    return version_num < 120000
+# Kept under their old names: the rules live in pg_versions.
+wal_dir_name = pg_versions.wal_dir
+uses_recovery_conf = pg_versions.uses_recovery_conf
 
 
 def recovery_lines(version_num, restore_cmd, target, timeline="latest"):
     """[(name, value)] of the recovery settings for ``version_num`` (e.g. 90424, 110022, 150004).
 
     Raises PlanError for versions before 9.4 and for an LSN target before 10."""
-    if version_num < 90400:
+    if version_num < pg_versions.OLDEST_SUPPORTED:
         raise PlanError("PostgreSQL %d is older than 9.4: not supported" % version_num)
-    if target.kind == "lsn" and version_num < 100000:
-        raise PlanError("recovery_target_lsn needs PostgreSQL 10 or later (this backup is %d.%d): use "
-                        "--target-time, --target-name or --target-xid" % (version_num // 10000,
-                                                                          version_num // 100 % 100))
+    if target.kind == "lsn" and not pg_versions.supports_lsn_target(version_num):
+        raise PlanError("recovery_target_lsn needs PostgreSQL 10 or later (this backup is %s): use "
+                        "--target-time, --target-name or --target-xid" % pg_versions.major_label(version_num))
     if not re.match(r"^(latest|current|[0-9]+)$", str(timeline)):
         raise PlanError("--timeline must be latest, current or a number, got %r" % timeline)
     lines = [("restore_command", restore_cmd)]
@@ -70,8 +66,7 @@ def recovery_lines(version_num, restore_cmd, target, timeline="latest"):
         lines.append(("recovery_target_%s" % target.kind, str(target.value)))
     if target.kind != "latest":
         # Without this 9.4 pauses (with hot_standby) and 9.5+ defaults to 'pause': never promoting.
-        lines.append(("pause_at_recovery_target", "false") if version_num < 90500
-                     else ("recovery_target_action", "promote"))
+        lines.append(pg_versions.stop_at_target(version_num))
     # 'immediate' needs only the backup's own WAL: following a newer timeline could refuse the backup.
     lines.append(("recovery_target_timeline", "current" if target.kind == "immediate" else str(timeline)))
     return lines
@@ -118,6 +113,49 @@ def recovery_files(version_num, restore_cmd, target, note, timeline="latest", **
         block = header + render_lines(extra) + BLOCK_END + "\n" if extra else None
         return RecoveryFiles(conf, None, block)
     return RecoveryFiles(None, "recovery.signal", header + render_lines(recovery + extra) + BLOCK_END + "\n")
+
+
+# What a restore writes for recovery: none of it may survive into production (every later base backup would
+# carry it) or be stacked by the next restore ("multiple recovery targets specified", or a target before the new
+# backup's consistent point, and the server refuses to start).
+RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_name", "recovery_target_time",
+                     "recovery_target_xid", "recovery_target_lsn", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_action", "pause_at_recovery_target",
+                     "recovery_end_command", "archive_cleanup_command")
+_SETTING_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(=|\s)")
+
+
+def remove_recovery_settings(conf_text):
+    """(new_text, [names]): ``conf_text`` (a postgresql.auto.conf) without any active line setting one of
+    RECOVERY_SETTINGS, wherever it is (inside a restore.py block or left by ``ALTER SYSTEM``, which rewrites
+    the file without our markers). Pure."""
+    names, out = [], []
+    for line in conf_text.splitlines(True):
+        match = _SETTING_RE.match(line)
+        if match and match.group(1).lower() in RECOVERY_SETTINGS:
+            names.append(match.group(1).lower())
+            continue
+        out.append(line)
+    return "".join(out), names
+
+
+def remove_restore_blocks(conf_text):
+    """``conf_text`` without the blocks an earlier restore.py appended (BLOCK_BEGIN ... BLOCK_END). Pure."""
+    out, inside = [], False
+    for line in conf_text.splitlines(True):
+        if line.startswith(BLOCK_BEGIN):
+            inside = True
+        elif inside and line.rstrip("\n") == BLOCK_END:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "".join(out)
+
+
+def clean_auto_conf(conf_text):
+    """What a restore does to the restored postgresql.auto.conf before appending its own block: earlier
+    blocks and every recovery setting removed, so blocks never stack (pure). Returns (text, [names])."""
+    return remove_recovery_settings(remove_restore_blocks(conf_text))
 
 
 def neutralize_path_settings(conf_text):

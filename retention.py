@@ -9,10 +9,10 @@ Rules (see :func:`plan_retention`): only DONE backups count; the newest DONE bac
 age comes from the timestamp in the name, never from mtime (rsync copies the source's mtime onto a new
 snapshot); each kept base backup keeps a contentstore snapshot and a config copy it can be restored with.
 
-Deleting (:func:`delete_entry`) goes metadata first, then rename to ``NAME.partial``, then the tree. A
-delete killed at any moment therefore leaves either a metadata-less directory (INCOMPLETE) or a
-``.partial`` one (PARTIAL) -- never something that looks DONE -- and the next plan made under the backup
-lock deletes it by the non-DONE rule.
+Deleting (:func:`delete_entry`) renames to ``NAME.partial`` first, then drops the metadata, then the tree. A
+delete killed at any moment therefore leaves a ``.partial`` directory (PARTIAL) -- never something that looks
+DONE -- and the next plan made under the backup lock deletes it. Only exact backup names that are provably
+partial or failed (or DONE and past the window) are ever deleted: anything else is kept and reported.
 """
 
 import datetime
@@ -128,7 +128,9 @@ def _age_days(now, entry):
 
 
 def _done(entries):
-    return sorted((e for e in entries if e.status == catalog.DONE), key=lambda e: (e.taken_at, e.name))
+    # A directory without a backup name of ours (e.g. base-...-keep) is never counted, paired or deleted.
+    return sorted((e for e in entries if e.status == catalog.DONE and e.name_parsed),
+                  key=lambda e: (e.taken_at, e.name))
 
 
 def plan_retention(entries_by_kind, now, retention_days, min_count=1, lock_free=True, current_names=()):
@@ -141,7 +143,8 @@ def plan_retention(entries_by_kind, now, retention_days, min_count=1, lock_free=
     those may be deleted. ``current_names``: names of the current run's entries, never deleted.
 
     Rules: (1) only DONE counts; newest DONE per kind and the ``min_count`` newest are kept. (2) older
-    DONE go when older than the window. (3) FAILED / INCOMPLETE / PARTIAL go when ``lock_free``;
+    DONE go when older than the window. (3) FAILED / PARTIAL go when ``lock_free``; INCOMPLETE (no readable
+    metadata) and directories whose name is not one we write are kept and reported in ``warnings``;
     WAITING_FOR_WAL stays for a day, then goes (also only when ``lock_free``: a run holding the lock may
     be promoting it). (4) each kept DONE base backup keeps the oldest DONE contentstore snapshot taken at
     or after it (a database must never point at content its snapshot lacks), and the oldest DONE config
@@ -183,8 +186,8 @@ def plan_retention(entries_by_kind, now, retention_days, min_count=1, lock_free=
     for kind in kinds:
         for entry in sorted(entries_by_kind[kind], key=lambda e: (e.taken_at, e.name)):
             action, reason = _decide(entry, now, retention_days, lock_free, current, keep_reasons)
-            if not entry.name_parsed:
-                reason += " (age from directory mtime: the name has no timestamp)"
+            if action == KEEP and reason.startswith(UNKNOWN):
+                warnings.append("%s/%s: %s" % (kind, os.path.basename(entry.path), reason))
             decisions.append(Decision(entry, action, reason))
 
     wal_keep_from, labels = _wal_needs(decisions, warnings)
@@ -223,9 +226,21 @@ def _pair(kept_bases, candidates, what, fallback_older, keep_reasons, warnings):
         keep_reasons.setdefault(key, []).append(f"paired {what} of kept base backup {names}")
 
 
+UNKNOWN = "not deleted:"
+
+
 def _decide(entry, now, retention_days, lock_free, current, keep_reasons):
-    """(action, reason) for one entry."""
+    """(action, reason) for one entry. Only exact backup names are ever deleted, and of those only DONE ones
+    past the window and ones provably partial or failed; what this tool cannot account for is kept and
+    reported (a copy set aside by hand, a backup copied in without its metadata, a damaged .json)."""
     status = entry.status
+    if not entry.name_parsed:
+        return KEEP, ("%s the name is not one this tool writes (%s-YYYY-MM-DD_HH-MM-SS): kept; delete it by "
+                      "hand when it is not needed" % (UNKNOWN, catalog.KINDS.get(entry.kind, entry.kind)))
+    if status == catalog.INCOMPLETE:
+        return KEEP, ("%s no readable metadata (%s): kept; this tool never leaves such a directory behind. "
+                      "Put its .json back, or delete it by hand" % (UNKNOWN, os.path.basename(
+                          catalog.info_path(entry.path))))
     if status == catalog.DONE:
         if _key(entry) in keep_reasons:
             return KEEP, "; ".join(keep_reasons[_key(entry)])
@@ -244,9 +259,7 @@ def _decide(entry, now, retention_days, lock_free, current, keep_reasons):
         return KEEP, f"{status} backup, {no_lock}"
     if status == catalog.PARTIAL:
         return DELETE, "partial left by an interrupted run"
-    if status == catalog.FAILED:
-        return DELETE, "FAILED backup, not needed"
-    return DELETE, f"{status} backup (no readable metadata), not needed"
+    return DELETE, "FAILED backup, not needed"
 
 
 def _wal_needs(decisions, warnings):
@@ -304,23 +317,24 @@ def apply_plan(plan, log=None):
 
 
 def delete_entry(entry):
-    """Delete one backup: its metadata, then (renamed to ``.partial``) its directory. Raises OSError.
+    """Delete one backup: rename it to ``NAME.partial``, then drop its metadata, then remove the tree.
+    Raises OSError.
 
-    Order matters: the metadata goes first, so from that instant the directory reads INCOMPLETE; the
-    rename then makes it PARTIAL, which reads "partial left by an interrupted run" if the slow tree
-    removal is killed. Removing the tree first could leave a DONE metadata file over a half-empty
-    directory. Killed anywhere, the next plan under the lock finds a non-DONE entry and deletes it.
+    Order matters: the rename is atomic, and from that instant the directory reads PARTIAL whatever its
+    metadata says ("partial left by an interrupted run", deleted by the next plan under the lock), so a delete
+    killed at any moment never leaves something that looks DONE, nor a metadata-less directory of an exact
+    name (which retention keeps and reports, since it cannot tell it from a backup copied in by hand).
     """
     _check_deletable(entry)
-    drop_metadata(entry)
     path = rename_to_partial(entry)
+    drop_metadata(entry)
     remove_tree(path)
 
 
 def _check_deletable(entry):
     base = os.path.basename(entry.path.rstrip("/"))
     prefix = catalog.KINDS.get(entry.kind, "\0") + "-"
-    if not base.startswith(prefix) or os.path.islink(entry.path):
+    if not base.startswith(prefix) or catalog.parse_name_time(base) is None or os.path.islink(entry.path):
         raise OSError(f"refusing to delete {entry.path}: not a {entry.kind} backup directory")
 
 
@@ -333,6 +347,31 @@ def drop_metadata(entry):
         except FileNotFoundError:
             pass
     catalog.fsync_dir(os.path.dirname(meta))
+
+
+def remove_orphan_metadata(backup_dir, log=None):
+    """Delete ``NAME.json`` (and ``.json.tmp``) files whose ``NAME`` and ``NAME.partial`` directories are both
+    gone (left by a delete or a backup killed between two steps): metadata alone is not a backup. Returns
+    the names removed."""
+    removed = []
+    for kind, prefix in catalog.KINDS.items():
+        folder = catalog.kind_dir(backup_dir, kind)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            base = name[:-len(".json.tmp")] if name.endswith(".json.tmp") else name[:-len(".json")] \
+                if name.endswith(".json") else None
+            if base is None or catalog.parse_name_time(base) is None or not base.startswith(prefix + "-"):
+                continue
+            if any(os.path.lexists(os.path.join(folder, d)) for d in (base, base + catalog.PARTIAL_SUFFIX)):
+                continue
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+            if log:
+                log.info("removed %s/%s: its backup directory is gone", kind, name)
+    return removed
 
 
 def rename_to_partial(entry):

@@ -14,6 +14,7 @@ import alfresco_files
 import base_backup
 import catalog
 import contentstore
+import lock
 import postgres
 import retention
 import space
@@ -40,6 +41,7 @@ class Stage:
         self.detail = ""
         self.error = None
         self.tool_output = ""
+        self.no_space = False  # failed for lack of space: retention still runs, to free some
 
     def as_dict(self):
         return {"name": self.name, "status": self.status, "duration": self.duration, "size": self.size,
@@ -72,6 +74,8 @@ class Night:
         self.window = None
         self.server = None
         self.verify_summary = None
+        self.snapshot_info = None  # for metrics: copied vs hardlinked bytes
+        self.facts = None  # status.collect() of the wal_health stage, reused by metrics
 
     def stage(self, name, doing, func):
         """Run ``func(stage)``; it returns (status, detail) or None for OK. Errors become FAILED."""
@@ -84,6 +88,7 @@ class Night:
             stage.status, stage.detail = result if result else (OK, stage.detail)
         except EXPECTED_ERRORS as exc:
             stage.status, stage.error = FAILED, "%s: %s" % (doing, exc)
+            stage.no_space = isinstance(exc, space.SpaceError) or "no space left on device" in str(exc).lower()
             # Module errors wrap the CommandError that has the tool's output; it is their cause/context.
             stage.tool_output = next((getattr(e, "stderr_tail", "") for e in (exc, exc.__cause__, exc.__context__)
                                       if getattr(e, "stderr_tail", "")), "")
@@ -125,11 +130,15 @@ class Night:
                 self.skip("verify", "no complete base backup tonight: nothing to drill")
         self.stage("wal_health", "checking the WAL archive and the recovery window", self._wal_health)
         # wal_config and wal_health report on the server and the archive; the others are tonight's backups.
-        backup_failed = [s.name for s in self.stages if s.status == FAILED and s.name not in ("wal_config",
-                                                                                             "wal_health")]
-        if backup_failed:
+        failed = [s for s in self.stages if s.status == FAILED and s.name not in ("wal_config", "wal_health")]
+        if failed and not all(s.no_space for s in failed):
             self.skip("retention", "a backup stage failed (%s): nothing is deleted after a failed night"
-                      % ", ".join(backup_failed))
+                      % ", ".join(s.name for s in failed))
+        elif failed:
+            # Skipping would keep the disk full forever: every night would fail the same way and the WAL archive
+            # would grow until archiving stops. Age-based retention still keeps the newest DONE of each kind.
+            self.stage("retention", "applying retention (%d days) to free space after tonight's no-space "
+                       "failure" % cfg.RETENTION_DAYS, self._retention)
         else:
             self.stage("retention", "applying retention (%d days)" % cfg.RETENTION_DAYS, self._retention)
 
@@ -203,6 +212,7 @@ class Night:
                                           timeout=self.cfg.RSYNC_TIMEOUT, method=self.cfg.CONTENTSTORE_METHOD,
                                           workers=contentstore.worker_count(self.cfg.CONTENTSTORE_PARALLEL),
                                           full_compare_days=self.cfg.CONTENTSTORE_FULL_COMPARE_DAYS)
+        self.snapshot_info = info
         stage.size = info.get("bytes_copied")
         stage.detail = "%s: %s files, %s bytes copied, %s bytes hardlinked" % (
             name, info.get("files"), info.get("bytes_copied"), info.get("bytes_linked"))
@@ -249,7 +259,7 @@ class Night:
         return None
 
     def _wal_health(self, stage):
-        facts = status.collect(self.cfg)
+        facts = self.facts = status.collect(self.cfg)
         _state, reasons, window = status.assess(facts, datetime.datetime.now(datetime.timezone.utc),
                                                 self.cfg.BACKUP_MAX_AGE_HOURS, self.cfg.WAL_MAX_AGE_HOURS,
                                                 include_backups=False)
@@ -264,17 +274,31 @@ class Night:
         return None
 
     def _retention(self, stage):
-        entries = retention.collect(self.cfg.BACKUP_DIR)
-        plan = retention.plan_retention(entries, datetime.datetime.now(), self.cfg.RETENTION_DAYS,
-                                        min_count=max(1, self.cfg.RETENTION_MIN_COUNT), lock_free=True,
-                                        current_names=self.current_names)
-        for line in plan.format().splitlines():
-            self.log.info("retention: %s", line)
-        result = retention.apply_plan(plan, self.log)
-        pruned = prune_wal(self.cfg, plan, self.log)
-        stage.detail = "deleted %d backups, %d WAL files" % (len(result.deleted), pruned)
+        # Exclusive against restores (they hold it shared): never delete what a running restore replays.
+        deleting = lock.BackupLock(self.cfg.BACKUP_DIR, lock.RESTORE_LOCK_NAME)
+        try:
+            deleting.acquire()
+        except lock.LockHeld as exc:
+            return WARN, "skipped: %s; nothing is deleted tonight" % exc
+        try:
+            free_before = _free_bytes(self.cfg)
+            entries = retention.collect(self.cfg.BACKUP_DIR)
+            plan = retention.plan_retention(entries, datetime.datetime.now(), self.cfg.RETENTION_DAYS,
+                                            min_count=max(1, self.cfg.RETENTION_MIN_COUNT), lock_free=True,
+                                            current_names=self.current_names)
+            for line in plan.format().splitlines():
+                self.log.info("retention: %s", line)
+            result = retention.apply_plan(plan, self.log)
+            pruned = prune_wal(self.cfg, plan, self.log)
+            retention.remove_orphan_metadata(self.cfg.BACKUP_DIR, self.log)
+            freed = max(0, _free_bytes(self.cfg) - free_before)
+        finally:
+            deleting.release()
+        stage.size = freed
+        stage.detail = "deleted %d backups, %d WAL files; freed %s" % (len(result.deleted), pruned,
+                                                                      catalog.human_size(freed))
         problems = ["could not delete %s: %s" % item for item in result.failed] + list(plan.warnings)
-        return (WARN, "; ".join(problems)) if problems else None
+        return (WARN, "; ".join(problems + [stage.detail])) if problems else None
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -303,6 +327,20 @@ class Night:
                                                           catalog.human_size(s.size), s.error or s.detail))
         lines.append("total %.1f s; backups in %s" % (total_seconds, self.cfg.BACKUP_DIR))
         return "\n".join(lines)
+
+
+def _free_bytes(cfg):
+    """Free bytes on the file systems of BACKUP_DIR and the WAL archive (each counted once)."""
+    seen, total = set(), 0
+    for path in (cfg.BACKUP_DIR, cfg.wal_archive_dir):
+        try:
+            device, available, _size = space.free_space(path)
+        except OSError:
+            continue
+        if device not in seen:
+            seen.add(device)
+            total += available
+    return total
 
 
 def prune_wal(cfg, plan, log):

@@ -8,12 +8,68 @@ directory, and leaves no root-owned file behind). Steps: 1 prerequisites, 2 dete
 changes nothing. Standard library only: this is what creates the venv. Exit codes: EXIT_CODES.
 """
 
+import os
+import stat
 import sys
 
 sys.dont_write_bytecode = True  # under sudo, no root-owned __pycache__ may appear in the project
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
-import argparse  # noqa: E402  (after the bytecode switch on purpose)
-import os  # noqa: E402
+
+def _writable_by_others(info):
+    return not stat.S_ISLNK(info.st_mode) and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _untrusted_project(project_dir):
+    """Under sudo Python runs this project's modules as root: the paths (the project directory, a directory
+    above it, a module, __pycache__ or what it holds, the venv this interpreter belongs to) a user other than
+    root could change, as (path, uid)."""
+    found = []
+    venv = [sys.prefix] if sys.prefix != sys.base_prefix else []  # its site-packages are imported too
+    for start in sorted({project_dir, os.path.realpath(project_dir)}) + venv:
+        probe = start
+        while True:
+            info = os.lstat(probe)
+            loose = _writable_by_others(info) and not (probe != start and info.st_mode & stat.S_ISVTX)
+            if (info.st_uid != 0 or loose) and (probe, info.st_uid) not in found:
+                found.append((probe, info.st_uid))
+            if probe == "/":
+                break
+            probe = os.path.dirname(probe)
+    cache = os.path.join(project_dir, "__pycache__")
+    names = [os.path.join(project_dir, n) for n in os.listdir(project_dir) if n.endswith(".py")]
+    names += [cache] if os.path.lexists(cache) else []
+    if os.path.isdir(cache) and not os.path.islink(cache):
+        names += [os.path.join(cache, n) for n in os.listdir(cache)]
+    for path in names:
+        for info in [os.lstat(path)] + ([os.stat(path)] if os.path.islink(path) else []):
+            if info.st_uid != 0 or _writable_by_others(info):
+                found.append((path, info.st_uid))
+                break
+    return found
+
+
+if os.geteuid() == 0 and __name__ == "__main__":
+    try:
+        _UNTRUSTED = _untrusted_project(PROJECT_DIR)
+    except FileNotFoundError:
+        _UNTRUSTED = []
+    if _UNTRUSTED:
+        _PATH, _UID = _UNTRUSTED[0]
+        if sys.prefix != sys.base_prefix and (_PATH + "/").startswith(sys.prefix + "/"):
+            _FIX = "run it with the system interpreter: sudo /usr/bin/python3 %s/setup.py" % PROJECT_DIR
+        elif (_PATH + "/").startswith(PROJECT_DIR + "/"):
+            _FIX = "sudo chown -R root:root %s && sudo chmod -R go-w %s" % (PROJECT_DIR, PROJECT_DIR)
+        else:
+            _FIX = ("move the project into a directory only root can change (e.g. /opt), or: sudo chown root:root %s "
+                    "&& sudo chmod go-w %s" % (_PATH, _PATH))
+        sys.stderr.write("setup.py: refusing to run as root: %s can be changed by uid %d%s, so Python would run that "
+                         "user's code as root. Fix:\n  %s\nor run setup.py as the service user, without sudo.\n"
+                         % (_PATH, _UID, " (and %d more path(s))" % (len(_UNTRUSTED) - 1) if len(_UNTRUSTED) > 1
+                            else "", _FIX))
+        sys.exit(2)
+
+import argparse  # noqa: E402  (after the checks above on purpose: the project's modules are imported below)
 
 import postgres  # noqa: E402  (stdlib only at import time; psycopg2 is imported late and not used here)
 import setup_answers  # noqa: E402
@@ -21,9 +77,9 @@ import setup_files  # noqa: E402
 import setup_finish  # noqa: E402
 import setup_formats  # noqa: E402
 import setup_pg  # noqa: E402
+import setup_safefs  # noqa: E402
 import setup_service  # noqa: E402
 import setup_steps  # noqa: E402
-import setup_sys  # noqa: E402
 from setup_answers import CONFIRM_KEYS, WIZARD_KEYS, Ui  # noqa: E402
 from setup_sys import AnswerError, SetupError  # noqa: E402
 
@@ -34,14 +90,13 @@ EXIT_CODES = {
     EXIT_ANSWERS: "a wrong or missing answer or prerequisite; nothing was changed",
     EXIT_INCOMPLETE: "done except what was declined or must wait (a PostgreSQL restart): see the summary",
 }
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(ctx, ui, env_exists):
     """All steps in order. Returns the exit code; raises AnswerError/SetupError."""
     ctx.header(1, "Prerequisites")
     setup_steps.prerequisites(ctx)
-    existing_text = setup_sys.read_text(ctx.env_path) if env_exists else None
+    existing_text, ctx.env_owner = setup_safefs.read_env(ctx.env_path) if env_exists else (None, None)
     try:
         existing = setup_files.parse_env(existing_text or "", os.environ)
     except setup_files.TextError as exc:
@@ -147,7 +202,7 @@ def main(argv=None):
     if args.dry_run:
         ctx.say("DRY RUN: nothing will be changed.")
     try:
-        code = run(ctx, ui, os.path.exists(env_path))
+        code = run(ctx, ui, os.path.lexists(env_path))
     except AnswerError as exc:
         ctx.say("\nERROR: %s" % exc)
         ctx.say(_applied(ctx).strip() or "Nothing was changed on the server.")

@@ -5,12 +5,15 @@ Standard library only.
 
 import getpass
 import os
+import socket
 import stat
 import sys
 
 import config
+import setup_db
 import setup_files
 import setup_finish
+import setup_safefs
 import setup_steps
 import setup_sys
 from setup_sys import AnswerError, SetupError
@@ -21,8 +24,8 @@ WIZARD_KEYS = {
                          "data directory's owner, else you)"),
     "PGSUPERUSER": ("postgres", "PostgreSQL superuser for ALTER SYSTEM/ALTER ROLE ('-': none; then "
                                 "postgresql.conf is edited and the role must already replicate)"),
-    "PGSUPERPASSWORD": ("", "its password (empty: peer/.pgpass; under sudo psql then runs as the OS user "
-                            "of that name when it exists)"),
+    "PGSUPERPASSWORD": ("", "its password (empty: ~/.pgpass or peer authentication, under sudo as the OS "
+                            "user of that name when it exists); never passed to any program"),
     "RESTART_POSTGRES": ("no", "yes: restart PostgreSQL (and Alfresco around it) now when needed; no: print "
                                "the commands for a maintenance window"),
     "CRON_SCHEDULE": ("0 2 * * *", "when the nightly backup runs (cron syntax; '-': no cron entry)"),
@@ -35,7 +38,7 @@ WIZARD_KEYS = {
 CONFIRM_KEYS = ("KEEP_ENV", "CHANGE_OTHER_SETTINGS", "APPLY_ENV", "APPLY_DIRS", "APPLY_PG_SETTINGS", "APPLY_HBA",
                 "APPLY_ROLE", "APPLY_VENV", "APPLY_CRON")
 BASIC_KEYS = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "BACKUP_DIR", "PG_BIN_DIR", "PGDATA",
-              "CONTENTSTORE_DIR", "WAL_ARCHIVE_DIR")
+              "CONTENTSTORE_DIR", "WAL_ARCHIVE_DIR", "INSTALLATION_NAME")
 YES, NO = ("y", "yes", "true", "on", "1"), ("n", "no", "false", "off", "0")
 
 
@@ -96,11 +99,12 @@ def load_answers(path):
     """{key: value} from an answers file (.env format: .env keys plus WIZARD_KEYS and CONFIRM_KEYS).
     Raises AnswerError for an unreadable file or an unknown key."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = setup_safefs.read_text(path)  # never through a link, never a FIFO
         mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise AnswerError("cannot read the answers file %s: %s" % (path, exc.strerror))
+    except (OSError, SetupError) as exc:
+        raise AnswerError("cannot read the answers file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
+    if text is None:
+        raise AnswerError("cannot read the answers file %s: No such file or directory" % path)
     try:
         answers = setup_files.parse_env(text, os.environ)
     except setup_files.TextError as exc:
@@ -110,7 +114,7 @@ def load_answers(path):
     if unknown:
         raise AnswerError("answers file %s: unknown key(s) %s (known: .env keys, %s)" % (
             path, ", ".join(unknown), ", ".join(list(WIZARD_KEYS) + list(CONFIRM_KEYS))))
-    secret = [k for k in ("PGSUPERPASSWORD", "PGPASSWORD", "SMTP_PASSWORD") if answers.get(k)]
+    secret = [k for k in ["PGSUPERPASSWORD"] + config.SECRET_NAMES if answers.get(k)]
     if secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
         sys.stderr.write("warning: %s holds %s and is readable by other users: chmod 600 %s\n"
                          % (path, ", ".join(secret), path))
@@ -145,6 +149,7 @@ def collect_env(ctx, ui, facts, existing, existing_text):
     """Step 3's questions: ctx.values for the .env (asked, or from answers, detection and the old file)."""
     defaults = {name: default or "" for name, _k, default, _r, _d, _s in config.OPTIONS}
     defaults.update(setup_steps.detected_env(facts))
+    defaults["INSTALLATION_NAME"] = socket.gethostname()  # written out, so a later host rename keeps the name
     defaults.update({k: v for k, v in existing.items() if v})
     if not ui.interactive:
         values = dict(defaults)
@@ -198,9 +203,12 @@ def preflight(ctx, ui, facts):
     if not os.path.isdir(ctx.pgdata):
         raise AnswerError("PGDATA: the data directory %s does not exist" % ctx.pgdata)
     ctx.pg_os_user = setup_sys.owner_of(ctx.pgdata)
+    if ctx.pg_os_user is None or ctx.pg_os_user.uid == 0:
+        raise AnswerError("PGDATA: the data directory %s belongs to %s, but PostgreSQL never runs as root: it "
+                          "belongs to the user PostgreSQL runs as" % (ctx.pgdata, ctx.pg_os_user or "an unknown uid"))
     bundled = facts.get("bin_dir")
-    ctx.bin_dir = cfg.PG_BIN_DIR or bundled or os.path.dirname(setup_sys.find_program("psql") or "/")
-    for program in ("psql", "pg_basebackup"):
+    ctx.bin_dir = cfg.PG_BIN_DIR or bundled or os.path.dirname(setup_sys.find_program("pg_basebackup") or "/")
+    for program in ("pg_basebackup",):  # setup.py itself speaks to the server directly (setup_db.py)
         if not os.access(os.path.join(ctx.bin_dir, program), os.X_OK):
             raise AnswerError("%s not found in %s: set PG_BIN_DIR, or install the client tools of the server's "
                               "version (e.g. sudo apt-get install -y postgresql-client)" % (program, ctx.bin_dir))
@@ -219,6 +227,11 @@ def preflight(ctx, ui, facts):
 
 def _check_places(ctx, cfg):
     user = ctx.service_user
+    if setup_sys.i_am_root() and ctx.env_owner not in (None, 0, user.uid):
+        # Read before the service user was known: its text must not reach that user's new .env or .bak.
+        raise AnswerError("--env: %s belongs to uid %d, not to the service user %s: setup.py does not copy it "
+                          "(chown %s %s, or give another --env)" % (ctx.env_path, ctx.env_owner, user.name,
+                                                                     user.name, ctx.env_path))
     backup = cfg.BACKUP_DIR
     probe = backup
     while not os.path.exists(probe):
@@ -247,9 +260,10 @@ def _check_places(ctx, cfg):
 
 def _connect(ctx, ui):
     values = ctx.values
+    server_uid = ctx.pg_os_user.uid if ctx.pg_os_user else None
     for attempt in range(3):
-        ctx.user_psql = setup_sys.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"],
-                                       values["PGUSER"], values.get("PGPASSWORD"), ctx.service_user)
+        ctx.user_psql = setup_db.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"],
+                                      values["PGUSER"], values.get("PGPASSWORD"), ctx.service_user, server_uid)
         try:
             ctx.server_num = int(ctx.user_psql.run("SHOW server_version_num").strip())
             break
@@ -270,8 +284,8 @@ def _connect(ctx, ui):
                 os_user = setup_sys.User.named(superuser)
             except AnswerError:
                 pass
-        psql = setup_sys.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"], superuser,
-                              password, os_user)
+        psql = setup_db.Psql(ctx.bin_dir, values["PGHOST"], values["PGPORT"], values["PGDATABASE"], superuser,
+                             password, os_user, server_uid)
         try:
             (is_super,) = psql.bool_row("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         except SetupError as exc:

@@ -9,6 +9,8 @@ import difflib
 import os
 import re
 
+import pg_versions
+
 MARKER = "alfresco-backup setup.py"
 MIN_WAL_SENDERS = 3
 ARCHIVE_TIMEOUT = 300
@@ -274,7 +276,7 @@ class Setting:
 def wal_keep_name(server_num):
     """The name of the keep-WAL setting on this version: wal_keep_segments up to 12, wal_keep_size from 13
     (each version refuses to start with the other name)."""
-    return "wal_keep_size" if server_num >= 130000 else "wal_keep_segments"
+    return pg_versions.wal_keep_setting(server_num)
 
 
 def desired_settings(server_num, command):
@@ -285,19 +287,16 @@ def desired_settings(server_num, command):
     when it is 0; before 10 (tar base backups fetch WAL from pg_wal at the end) wal_keep_segments 64 when it
     is lower. From 10 pg_basebackup streams WAL through a temporary slot, so no keep setting is written.
     """
-    if server_num >= 90600:
-        level, good_levels = "replica", ("replica", "logical", "archive", "hot_standby")
-    else:
-        level, good_levels = "hot_standby", ("hot_standby", "logical")
     settings = [
-        Setting("wal_level", level, True, lambda v: (v or "").lower() in good_levels),
+        Setting("wal_level", pg_versions.archive_wal_level(server_num), True,
+                lambda v: pg_versions.wal_level_ok(server_num, v, wizard=True)),
         Setting("archive_mode", "on", True, lambda v: (v or "").lower() in ("on", "always", "true", "yes", "1")),
         Setting("archive_command", command, False, lambda v: (v or "") == command),
         Setting("max_wal_senders", str(MIN_WAL_SENDERS), True,
                 lambda v: (pg_number(v, "s") or 0) >= MIN_WAL_SENDERS),
         Setting("archive_timeout", str(ARCHIVE_TIMEOUT), False, lambda v: (pg_number(v, "s") or 0) > 0),
     ]
-    if server_num < 100000:
+    if pg_versions.needs_wal_keep(server_num):
         settings.append(Setting(wal_keep_name(server_num), str(WAL_KEEP_SEGMENTS), False,
                                 lambda v: (pg_number(v, "s") or 0) >= WAL_KEEP_SEGMENTS))
     return settings

@@ -5,6 +5,7 @@ import sys
 
 import setup_files
 import setup_formats
+import setup_safefs
 import setup_sys
 import subprocess_utils
 from setup_steps import CHANGED, FAILED, PASSED, SKIPPED, UNCHANGED, WOULD
@@ -42,14 +43,16 @@ def venv_step(ctx, venv_dir):
     if owner is not None and owner != user and not setup_sys.i_am_root():
         raise SetupError("%s belongs to %s; run setup.py with sudo or choose another VENV_DIR"
                          % (venv_dir, owner.name))
+    if not create and owner is not None and owner.uid == 0 and user.uid != 0:
+        # pip would run as root the code of whatever is in (or downloaded into) that venv.
+        raise SetupError("the venv %s belongs to root and does not import dotenv and psycopg2; setup.py does not run "
+                         "pip as root: fix it yourself (sudo %s -m pip install -r %s) or choose another VENV_DIR"
+                         % (venv_dir, python, requirements))
     try:
         if create:
-            setup_sys.make_private_dir(venv_dir, user, 0o755)
-            if owner is not None and owner != user:
-                setup_sys.give_to(venv_dir, user)
+            setup_safefs.ensure_dir(venv_dir, user, 0o755, adopt_root=True)
             setup_sys.run_as(user, [base_python(), "-m", "venv", venv_dir], timeout=300, what="python3 -m venv")
-        # A venv that existed already is installed into as its owner (root may own it); a new one is the
-        # service user's.
+        # A venv that existed already is installed into as its owner; a new one is the service user's.
         installer = owner if owner is not None and not create else user
         result = setup_sys.run_as(installer, [python, "-m", "pip", "install", "--disable-pip-version-check",
                                               "-q", "-r", requirements], timeout=900, what="pip install")
@@ -75,7 +78,7 @@ def _imports_ok(user, python):
 # ---- 10. cron -----------------------------------------------------------------------------------------------
 def _crontab_argv(user, *args):
     if setup_sys.i_am_root():
-        return ["crontab", "-u", user.name] + list(args)
+        return [setup_sys.root_program("crontab"), "-u", user.name] + list(args)
     return ["crontab"] + list(args)
 
 
@@ -103,8 +106,11 @@ def cron_step(ctx, schedule, python, log_dir):
         raise SetupError("cannot edit the crontab of %s as %s: run setup.py with sudo" % (user.name,
                                                                                        setup_sys.me().name))
     current = read_crontab(user)
-    marker, entry = setup_formats.cron_entry(schedule, ctx.project_dir, python, os.path.abspath(ctx.env_path),
-                                           log_dir)
+    try:
+        marker, entry = setup_formats.cron_entry(schedule, ctx.project_dir, python, os.path.abspath(ctx.env_path),
+                                               log_dir)
+    except setup_formats.TextError as exc:
+        raise SetupError("no cron entry: %s" % exc)
     new, note = setup_formats.merge_crontab(current, marker, entry)
     if new == current:
         ctx.record("cron", UNCHANGED, note or "the crontab of %s already has the entry" % user.name)
@@ -121,6 +127,10 @@ def cron_step(ctx, schedule, python, log_dir):
                          % (user.name, exc))
     if read_crontab(user) != new:
         raise SetupError("the crontab of %s does not read back as written" % user.name)
+    # What cron will run, read back the way cron reads it (an unescaped % would cut the command short).
+    command, stdin = setup_formats.cron_runs(entry)
+    if stdin or "--env %s " % setup_formats.sh_quote(os.path.abspath(ctx.env_path)) not in command:
+        raise SetupError("cron would not run the entry as written (%r): fix the paths in it" % command)
     ctx.record("cron", CHANGED, "%s: %s" % (user.name, entry))
 
 
@@ -144,11 +154,12 @@ def verify(ctx, python):
     except subprocess_utils.CommandError as exc:
         ctx.say("  FAIL backup.py --check: %s" % exc)
         return False
-    for line in result.stdout.splitlines():
+    for line in setup_sys.printable(result.stdout).splitlines():
         if line.split(" ", 1)[0] in ("OK", "WARN", "FAIL"):
             ctx.say("  " + line)
     if result.returncode != 0:
-        ctx.say("  backup.py --check exit code %d:\n%s" % (result.returncode, (result.stdout + result.stderr)[-3000:]))
+        ctx.say("  backup.py --check exit code %d:\n%s" % (result.returncode, setup_sys.printable(
+            (result.stdout + result.stderr)[-3000:])))
     ok = ok and result.returncode == 0
     ctx.record("verify", PASSED if ok else FAILED, "backup.py --check %s" % ("passed" if ok else "FAILED"))
     return ok

@@ -4,6 +4,7 @@ alfresco-global.properties. No disk access, no programs run (unit-tested in test
 
 import re
 
+import pg_versions
 from setup_files import MARKER, TextError
 
 PASSWORD_METHODS = ("scram-sha-256", "md5", "password")
@@ -59,7 +60,7 @@ def hba_method(text, server_num):
     for method in PASSWORD_METHODS:
         if method in methods:
             return method
-    return "scram-sha-256" if server_num >= 100000 else "md5"
+    return pg_versions.new_hba_password_method(server_num)
 
 
 def hba_role(role):
@@ -125,12 +126,51 @@ def _sh(text):
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+sh_quote = _sh
+
+
+def cron_escape(command):
+    """``command`` as a crontab line must hold it: cron turns an unescaped ``%`` into a newline (the rest
+    becomes the command's stdin) and ``\\%`` into ``%``. Raises TextError for what a crontab line cannot
+    hold: a line break, or a backslash right before a ``%`` (cron would eat that backslash)."""
+    if "\n" in command or "\r" in command:
+        raise TextError("a line break cannot be part of a cron command: %r" % command)
+    if "\\%" in command:
+        raise TextError("a backslash before %% cannot be part of a cron command: %r" % command)
+    return command.replace("%", "\\%")
+
+
+def cron_runs(line):
+    """(command, stdin) cron makes of a crontab ``line`` (five time fields or an @nickname, then the
+    command): a backslash pairs with the next character, a ``\\%`` pair becomes ``%`` and any other pair stays
+    as it is; the first unpaired ``%`` ends the command and the rest, its ``%`` turned into newlines, is the
+    command's stdin (cron's own rule, as in cronie and Vixie cron)."""
+    fields = line.strip().split(None, 1 if line.strip().startswith("@") else 5)
+    text, out, at = fields[-1] if len(fields) > 1 else "", [], 0
+    while at < len(text):
+        if text[at] == "\\" and at + 1 < len(text):
+            out.append("%" if text[at + 1] == "%" else text[at:at + 2])
+            at += 2
+        elif text[at] == "%":
+            return "".join(out), text[at + 1:].replace("%", "\n")
+        else:
+            out.append(text[at])
+            at += 1
+    return "".join(out), ""
+
+
 def cron_entry(schedule, project_dir, python, env_path, log_dir):
-    """(marker line, command line) for the nightly run; the log file name carries the date (``%`` is
-    escaped: cron would turn it into a newline)."""
-    command = "cd %s && %s backup.py --env %s >> %s/cron-$(date +\\%%Y-\\%%m-\\%%d).log 2>&1" % (
+    """(marker line, command line) for the nightly run; the log file name carries the date. Every ``%``
+    (the date format's, and any in a path) is escaped for cron. Raises TextError for a path a crontab line
+    cannot hold (see cron_escape)."""
+    for path in (project_dir, python, env_path, log_dir):
+        cron_escape(path)
+    command = "cd %s && %s backup.py --env %s >> %s/cron-$(date +%%Y-%%m-%%d).log 2>&1" % (
         _sh(project_dir), _sh(python), _sh(env_path), _sh(log_dir))
-    return "# %s --env %s" % (MARKER, env_path), "%s %s" % (" ".join(schedule.split()), command)
+    line = "%s %s" % (" ".join(schedule.split()), cron_escape(command))
+    if cron_runs(line) != (command, ""):
+        raise TextError("cron would not read this entry back as written: %r" % line)
+    return "# %s --env %s" % (MARKER, env_path), line
 
 
 def merge_crontab(text, marker, entry):

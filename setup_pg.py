@@ -7,8 +7,10 @@ half-way undoes what it did or says exactly what stays applied.
 
 import os
 
+import pg_versions
 import setup_files
 import setup_formats
+import setup_safefs
 import setup_sys
 import subprocess_utils
 from setup_steps import CHANGED, SKIPPED, UNCHANGED, WOULD
@@ -31,7 +33,7 @@ def configured_settings(ctx):
 
     From pg_file_settings with a superuser on 9.5+, else from postgresql.conf and postgresql.auto.conf read
     directly (needs root or the data directory's owner). Raises SetupError when neither is possible."""
-    if ctx.super_psql is not None and ctx.server_num >= 90500:
+    if ctx.super_psql is not None and pg_versions.has_pg_file_settings(ctx.server_num):
         rows = ctx.super_psql.json("SELECT json_agg(json_build_array(lower(name), setting, sourcefile, error) "
                                    "ORDER BY seqno) FROM pg_file_settings") or []
         values, auto = {}, {}
@@ -59,8 +61,11 @@ def conf_path(ctx):
 
 
 def _read_server_file(ctx, path, missing_ok=False):
+    # A link or a file of another user there is refused (UnsafeFile), never read through the server instead.
     try:
-        text = setup_sys.read_text(path)
+        text = setup_safefs.read_checked(path, {ctx.pg_os_user.uid})
+    except setup_safefs.UnsafeFile:
+        raise
     except SetupError:
         text = None
         if ctx.super_psql is None:
@@ -119,9 +124,10 @@ def _alter_system(ctx, changes, auto):
     if not ctx.decide("APPLY_PG_SETTINGS", lines + ["SELECT pg_reload_conf();"]):
         ctx.record("postgresql settings", WOULD if ctx.dry_run else SKIPPED, " ".join(lines))
         return
-    original = _read_server_file(ctx, os.path.join(ctx.pgdata, "postgresql.auto.conf"), missing_ok=True)
+    auto_path = os.path.join(ctx.pgdata, "postgresql.auto.conf")
+    original = _read_server_file(ctx, auto_path, missing_ok=True)
     if original is not None:
-        ctx.auto_conf_copy = ctx.save_copy("postgresql.auto.conf", original)
+        ctx.auto_conf_copy = (auto_path, ctx.save_copy("postgresql.auto.conf", original), original)
     done = []
     try:
         for name, value in changes.items():
@@ -139,7 +145,7 @@ def _alter_system(ctx, changes, auto):
 
 
 def _file_errors(ctx, names):
-    if ctx.server_num < 90500:
+    if not pg_versions.has_pg_file_settings(ctx.server_num):
         return []
     rows = ctx.super_psql.json("SELECT json_agg(json_build_array(name, sourcefile, sourceline, error)) FROM "
                                "pg_file_settings WHERE error IS NOT NULL AND error <> :'pending'",
@@ -180,13 +186,13 @@ def _edit_conf(ctx, changes, auto):
     if not ctx.server_path(path):
         raise SetupError("cannot edit %s as %s: run setup.py with sudo or give a superuser" % (
             path, setup_sys.me().name))
-    ctx.conf_copy = (path, ctx.save_copy("postgresql.conf", text))
-    setup_sys.rewrite_in_place(path, new_text)
+    ctx.conf_copy = (path, ctx.save_copy("postgresql.conf", text), text)
+    setup_safefs.rewrite_in_place(path, new_text, ctx.pg_os_user.uid)
     ctx.applied.append("edited %s: %s" % (path, ", ".join("%s = %s" % i for i in changes.items())))
     try:
         reload_server(ctx)
     except SetupError as exc:
-        setup_sys.rewrite_in_place(path, text)
+        setup_safefs.rewrite_in_place(path, text, ctx.pg_os_user.uid)
         ctx.applied.pop()
         raise SetupError("reload failed (%s); %s restored from %s" % (exc, path, ctx.conf_copy[1]))
     ctx.record("postgresql settings", CHANGED, "edited %s" % path)
@@ -210,14 +216,14 @@ def hba_step(ctx):
         raise SetupError("cannot edit %s as %s: run setup.py with sudo, or add these lines yourself and reload:"
                          "\n  %s" % (path, setup_sys.me().name, "\n  ".join(added)))
     copy = ctx.save_copy("pg_hba.conf", text)
-    setup_sys.rewrite_in_place(path, new_text)
+    setup_safefs.rewrite_in_place(path, new_text, ctx.pg_os_user.uid)
     try:
         reload_server(ctx)
         errors = _hba_errors(ctx)
         if errors:
             raise SetupError("the server rejects pg_hba.conf: %s" % "; ".join(errors))
     except SetupError as exc:
-        setup_sys.rewrite_in_place(path, text)
+        setup_safefs.rewrite_in_place(path, text, ctx.pg_os_user.uid)
         try:
             reload_server(ctx)
         except SetupError:
@@ -228,7 +234,7 @@ def hba_step(ctx):
 
 
 def _hba_errors(ctx):
-    if ctx.super_psql is None or ctx.server_num < 100000:
+    if ctx.super_psql is None or not pg_versions.has_hba_file_rules(ctx.server_num):
         return []
     rows = ctx.super_psql.json("SELECT json_agg(json_build_array(line_number, error)) FROM pg_hba_file_rules "
                                "WHERE error IS NOT NULL") or []
@@ -236,38 +242,71 @@ def _hba_errors(ctx):
 
 
 def role_step(ctx):
-    """Step 7: REPLICATION for PGUSER (and, on 10+, EXECUTE on the WAL switch and restore point functions
-    that ``backup.py --check`` uses), verified by reading pg_roles."""
+    """Step 7: REPLICATION for PGUSER and what ``backup.py --check`` needs to switch WAL and create restore
+    points: on 10+ EXECUTE on the built-in functions; on 9.x, where only a superuser may call them, the
+    narrow SECURITY DEFINER helper of pg_versions.helper_sql (never a superuser role). Verified by reading
+    pg_roles and the catalogs afterwards."""
     role = ctx.values["PGUSER"]
     replication, superuser = ctx.user_psql.bool_row(
         "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user")
-    sql = []
+    sql, helper = [], []
     if not (replication or superuser):
         sql.append('ALTER ROLE :"role" REPLICATION')
-    if ctx.server_num >= 100000 and not superuser:
-        for function in ("pg_switch_wal()", "pg_create_restore_point(text)"):
+    if not superuser and pg_versions.switch_needs_superuser(ctx.server_num):
+        helper = _helper_statements(ctx, role)
+    elif not superuser:
+        for function in pg_versions.switch_grants(ctx.server_num):
             (allowed,) = ctx.user_psql.bool_row("SELECT has_function_privilege(current_user, :'f', 'EXECUTE')",
                                                 {"f": function})
             if not allowed:
                 sql.append('GRANT EXECUTE ON FUNCTION %s TO :"role"' % function)
-    if not sql:
-        ctx.record("replication privilege", UNCHANGED, "role %s may replicate" % role)
+    if not sql + helper:
+        ctx.record("replication privilege", UNCHANGED, "role %s may replicate%s" % (
+            role, " and switch WAL through %s" % pg_versions.HELPER_SWITCH if not superuser and
+            pg_versions.switch_needs_superuser(ctx.server_num) else ""))
         return
-    shown = [s.replace(':"role"', setup_formats.hba_role(role)) + ";" for s in sql]
+    shown = [s.replace(':"role"', setup_formats.hba_role(role)) + ";" for s in sql + helper]
     if ctx.super_psql is None:
         if ctx.dry_run:
             ctx.record("replication privilege", WOULD, " ".join(shown))
             return
-        raise SetupError("role %s needs, as a superuser: %s (give PGSUPERUSER to let setup.py do it)"
-                         % (role, " ".join(shown)))
+        raise SetupError("role %s needs, as a superuser in database %s: %s (give PGSUPERUSER to let setup.py "
+                         "do it)" % (role, ctx.values["PGDATABASE"], " ".join(shown)))
     if not ctx.decide("APPLY_ROLE", ["as superuser %s: %s" % (ctx.super_psql.user, s) for s in shown]):
         ctx.record("replication privilege", WOULD if ctx.dry_run else SKIPPED, " ".join(shown))
         return
     for statement, text in zip(sql, shown):
         ctx.super_psql.run(statement, {"role": role})
         ctx.applied.append(text)
+    if helper:
+        # One transaction: a failure half-way leaves no function without its REVOKE.
+        ctx.super_psql.run("BEGIN;\n%s;\nCOMMIT;" % ";\n".join(helper), {"role": role})
+        ctx.applied.append("%s helper functions for %s: %s" % (pg_versions.HELPER_SCHEMA, role, " ".join(
+            shown[len(sql):])))
+        problems = _helper_problems(ctx, role)
+        if problems:
+            raise SetupError("the WAL switch helper is still not right after creating it: %s" % "; ".join(problems))
     (replication,) = ctx.super_psql.bool_row("SELECT rolreplication FROM pg_roles WHERE rolname = :'role'",
                                              {"role": role})
     if not (replication or superuser):
         raise SetupError("ALTER ROLE ran but pg_roles.rolreplication is still false for %s" % role)
     ctx.record("replication privilege", CHANGED, " ".join(shown))
+
+
+def _helper_problems(ctx, role):
+    state = ctx.user_psql.json(pg_versions.helper_state_sql()) or {}
+    return pg_versions.helper_problems(ctx.server_num, state, role)
+
+
+def _helper_statements(ctx, role):
+    """[] when the 9.x WAL switch helper is in place for ``role``, else the statements that make it (with
+    :"role"). Raises SetupError when the schema or a function belongs to a role that is not a superuser:
+    replacing someone else's objects is not this wizard's call."""
+    problems = _helper_problems(ctx, role)
+    if not problems:
+        return []
+    foreign = [p for p in problems if "not to a superuser" in p or "not SECURITY DEFINER of a superuser" in p]
+    if foreign:
+        raise SetupError("%s in database %s: drop it (DROP SCHEMA %s CASCADE) or give it to a superuser, then run "
+                         "setup.py again" % ("; ".join(foreign), ctx.values["PGDATABASE"], pg_versions.HELPER_SCHEMA))
+    return pg_versions.helper_sql(ctx.server_num, ':"role"')

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+import setup_safefs
 import setup_sys
 import subprocess_utils
 from setup_steps import CHANGED, PENDING, UNCHANGED, WOULD
@@ -34,12 +35,20 @@ class Alfresco:
         return os.path.isfile(self.script) and os.access(self.script, os.X_OK)
 
     def script_user(self):
-        """The script's owner (it runs as the install owner); SetupError if we cannot act as it."""
+        """The script's owner (it runs as the install owner); SetupError if we cannot act as it, or when it is
+        root's but a directory above it can be changed by another user (root would run that user's code)."""
         owner = setup_sys.owner_of(self.script)
         if owner is None or not setup_sys.can_act_as(owner):
             raise SetupError("%s belongs to %s: run setup.py with sudo or as that user"
                              % (self.script, owner.name if owner else "?"))
+        if owner.uid == 0 and not setup_sys.root_safe_path(self.script):
+            raise SetupError("%s belongs to root, but it or a directory above it can be changed by another user: "
+                             "setup.py does not run it as root; stop and start Alfresco yourself" % self.script)
         return owner
+
+    def _owners(self):
+        owner = setup_sys.owner_of(self.script)
+        return {owner.uid} - {0} if owner is not None else set()
 
     def run_script(self, args, timeout):
         """Run alfresco.sh ``args`` as its owner. Returns (exit code or None on timeout, output tail)."""
@@ -48,18 +57,20 @@ class Alfresco:
             result = setup_sys.run_as(user, [self.script] + list(args), timeout=timeout, ok_codes=range(256),
                                       what="alfresco.sh %s" % " ".join(args), cwd=self.base,
                                       daemon=args[0] in ("start", "restart"))
-            return result.returncode, (result.stdout + result.stderr).strip()[-500:]
+            return result.returncode, setup_sys.printable((result.stdout + result.stderr).strip()[-500:])
         except subprocess_utils.CommandError as exc:
-            return None, str(exc)
+            return None, setup_sys.printable(str(exc))
 
     def tomcat_pid(self):
         """Tomcat's PID from catalina.pid when that process is alive and belongs to the pid file's owner,
-        else None."""
+        else None. The pid file is not followed through a link and must be the install owner's (root's only on
+        a root-safe path): a link to another program's pid file never gets that program signalled."""
         try:
-            with open(self.pid_file) as handle:
-                pid = int(handle.read().strip())
-            owner = os.stat(self.pid_file).st_uid
-        except (OSError, ValueError):
+            fd = setup_safefs.open_checked(self.pid_file, self._owners())
+            with os.fdopen(fd) as handle:
+                owner = os.fstat(handle.fileno()).st_uid
+                pid = int(handle.read(64).strip())
+        except (OSError, ValueError, SetupError):
             return None
         if pid <= 1 or pid == os.getpid():
             return None
@@ -70,7 +81,7 @@ class Alfresco:
             return None
         if status.get("State", "").strip().startswith(("Z", "X")):
             return None
-        if int(status.get("Uid", "-1").split()[0]) != owner and owner != 0:
+        if int(status.get("Uid", "-1").split()[0]) != owner:
             return None
         return pid
 
@@ -110,12 +121,12 @@ class Alfresco:
 
     def _started_since(self, offset):
         try:
-            with open(self.catalina_out, "rb") as handle:
+            with os.fdopen(setup_safefs.open_checked(self.catalina_out, self._owners()), "rb") as handle:
                 if os.fstat(handle.fileno()).st_size < offset:
                     offset = 0  # rotated or truncated at start
                 handle.seek(offset)
-                return STARTED_MARK in handle.read()
-        except OSError:
+                return STARTED_MARK in handle.read(setup_safefs.MAX_TEXT)
+        except (OSError, SetupError):
             return False
 
 
@@ -206,11 +217,9 @@ def _ready(ctx):
 
 def _down(ctx):
     try:
-        with open(os.path.join(ctx.pgdata, "postmaster.pid")) as handle:
-            return not _alive(int(handle.readline().strip()))
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
+        text = setup_safefs.read_checked(os.path.join(ctx.pgdata, "postmaster.pid"), {ctx.pg_os_user.uid})
+        return text is None or not _alive(int(text.splitlines()[0].strip()))
+    except (OSError, ValueError, IndexError, SetupError):
         return not _ready(ctx)
 
 
@@ -223,7 +232,8 @@ def _restart_postgres(ctx, alfresco, timeout=300):
     _start_and_wait(ctx, alfresco, timeout)
     if _ready(ctx):
         return
-    log = _tail(os.path.join(ctx.values["ALF_BASE_DIR"], "postgresql", "postgresql.log"))
+    log = _tail(os.path.join(ctx.values["ALF_BASE_DIR"], "postgresql", "postgresql.log"),
+                {ctx.pg_os_user.uid} | alfresco._owners())
     restored = _restore_config(ctx)
     back = _start_and_wait(ctx, alfresco, timeout)
     raise SetupError("PostgreSQL did not start with the new settings. Server log:\n%s\n%s; PostgreSQL %s"
@@ -241,28 +251,26 @@ def _start_and_wait(ctx, alfresco, timeout):
 
 
 def _restore_config(ctx):
-    """Put back the configuration files saved before this run changed them (server stopped)."""
+    """Put back the configuration files saved before this run changed them (server stopped), from the text
+    kept in memory: the copy in setup-backups/ is the service user's and is not read back as root."""
     done = []
-    for attr, target in (("auto_conf_copy", os.path.join(ctx.pgdata, "postgresql.auto.conf")),
-                         ("conf_copy", None)):
-        saved = getattr(ctx, attr, None)
+    for saved in (ctx.auto_conf_copy, ctx.conf_copy):
         if not saved:
             continue
-        if attr == "conf_copy":
-            target, saved = saved
+        target, copy, text = saved
         try:
-            setup_sys.rewrite_in_place(target, setup_sys.read_text(saved))
-            done.append("%s restored from %s" % (target, saved))
+            setup_safefs.rewrite_in_place(target, text, ctx.pg_os_user.uid)
+            done.append("%s restored (its copy: %s)" % (target, copy))
         except SetupError as exc:
-            done.append("could not restore %s from %s: %s" % (target, saved, exc))
+            done.append("could not restore %s (its copy: %s): %s" % (target, copy, exc))
     ctx.applied = [a for a in ctx.applied if "pg_hba" in a or a.startswith("ALTER ROLE") or a.startswith("GRANT")]
     return "; ".join(done) or "no saved configuration to restore"
 
 
-def _tail(path, lines=15):
+def _tail(path, owners, lines=15):
     text = None
     try:
-        text = setup_sys.read_text(path)
+        text = setup_safefs.read_checked(path, owners)
     except SetupError:
         pass
-    return "".join((text or "(log not readable)").splitlines(True)[-lines:])
+    return setup_sys.printable("".join((text or "(log not readable)").splitlines(True)[-lines:]))

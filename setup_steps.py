@@ -14,6 +14,7 @@ import sys
 import config
 import setup_files
 import setup_formats
+import setup_safefs
 import setup_sys
 from setup_sys import AnswerError, SetupError
 
@@ -27,10 +28,10 @@ CHANGED, UNCHANGED, SKIPPED, WOULD, FAILED, PENDING, PASSED = "changed", "unchan
 class Context:
     """Everything the steps share: ``ui`` (prompts), ``dry_run``, ``project_dir``, ``env_path``, the .env
     ``values``, ``service_user``, ``pg_os_user`` (owner of the data directory), ``pgdata``, ``bin_dir``,
-    ``archive_command``, ``user_psql``/``super_psql`` (setup_sys.Psql, the latter None without a
-    superuser), ``server_num``, ``restart_needed``, ``auto_conf_copy``/``conf_copy`` (originals saved before
-    a change, for a rollback), ``applied`` (what changed on the server, for failure messages) and
-    ``results`` [(step, status, detail)]."""
+    ``archive_command``, ``user_psql``/``super_psql`` (setup_db.Psql, the latter None without a
+    superuser), ``server_num``, ``restart_needed``, ``auto_conf_copy``/``conf_copy`` ((file, copy, original
+    text) saved before a change, for a rollback), ``env_owner`` (uid of the .env read at the start),
+    ``applied`` (what changed on the server, for failure messages) and ``results`` [(step, status, detail)]."""
 
     def __init__(self, ui, project_dir, env_path, dry_run, out=None):
         self.ui, self.project_dir, self.env_path, self.dry_run = ui, project_dir, env_path, dry_run
@@ -39,7 +40,7 @@ class Context:
         self.service_user = self.pg_os_user = self.user_psql = self.super_psql = None
         self.server_num = 0
         self.pgdata = self.bin_dir = self.archive_command = None
-        self.auto_conf_copy = self.conf_copy = None  # originals saved before a change (for a rollback)
+        self.auto_conf_copy = self.conf_copy = self.env_owner = None
         self.restart_needed = False
         self.stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self._backup_dir = None
@@ -78,10 +79,11 @@ class Context:
         """Keep ``text`` (an original file) in setup-backups/<time>/ next to the .env, private to the
         service user, never inside the data directory. Returns the path."""
         if self._backup_dir is None:
-            self._backup_dir = os.path.join(self.env_dir, "setup-backups", self.stamp)
-            setup_sys.make_private_dir(self._backup_dir, self.service_user)
+            directory = os.path.join(self.env_dir, "setup-backups", self.stamp)
+            setup_safefs.ensure_dir(directory, self.service_user)
+            self._backup_dir = directory
         path = os.path.join(self._backup_dir, name)
-        setup_sys.write_private(path, text, self.service_user)
+        setup_safefs.write_private(path, text, self.service_user)
         return path
 
     def server_path(self, path):
@@ -100,8 +102,12 @@ def prerequisites(ctx):
     for program, deb, rpm in (("rsync", "rsync", "rsync"), ("crontab", "cron", "cronie")):
         if not setup_sys.find_program(program):
             missing.append((deb, rpm, program))
-    if setup_sys.i_am_root() and not setup_sys.find_program("setpriv"):
-        missing.append(("util-linux", "util-linux", "setpriv"))
+    if setup_sys.i_am_root():
+        if not setup_sys.find_program("setpriv"):
+            missing.append(("util-linux", "util-linux", "setpriv"))
+        for program in ("setpriv", "crontab"):  # what this process runs as root: root's own binaries only
+            if setup_sys.find_program(program):
+                setup_sys.root_program(program)
     for _deb, _rpm, what in missing:
         ctx.say("  missing: %s" % what)
     if missing:
@@ -141,11 +147,28 @@ def find_pgdata(base):
     return None
 
 
-def _read_quietly(path):
+def _read_quietly(path, owners, warnings):
+    """The text of a file of the install (None when missing or refused: the reason goes to ``warnings``)."""
     try:
-        return setup_sys.read_text(path)
-    except SetupError:
+        return setup_safefs.read_checked(path, owners)
+    except SetupError as exc:
+        warnings.append("not read: %s" % exc)
         return None
+
+
+def _owners(*paths):
+    """The uids (never root's) owning ``paths``: who may own the install's files found there."""
+    uids = {owner.uid for owner in (setup_sys.owner_of(p) for p in paths if p) if owner is not None}
+    return uids - {0}
+
+
+def _plain_name(value, what, warnings):
+    """``value`` unless it looks like a connection string (psql would read 'host=... dbname=...' from it)."""
+    if value and "=" in value:
+        warnings.append("%s %r looks like a connection string, not a database name: not used (answer PGDATABASE)"
+                        % (what, value))
+        return None
+    return value
 
 
 def detect(ctx, base, pgdata=None):
@@ -156,19 +179,21 @@ def detect(ctx, base, pgdata=None):
         raise AnswerError("ALF_BASE_DIR %r is not a directory: give the Alfresco install directory (the one "
                           "holding alf_data, tomcat and postgresql)" % base)
     facts = {"base": base, "warnings": []}
+    warnings = facts["warnings"]
     facts["pgdata"] = pgdata or find_pgdata(base)
+    pg_owners = _owners(facts["pgdata"])
     bundled = os.path.join(base, "postgresql", "bin")
-    facts["bin_dir"] = bundled if os.access(os.path.join(bundled, "psql"), os.X_OK) else None
+    facts["bin_dir"] = bundled if os.access(os.path.join(bundled, "pg_basebackup"), os.X_OK) else None
     script = os.path.join(base, "alfresco.sh")
     facts["script"] = script if os.path.isfile(script) else None
     if facts["pgdata"]:
-        version = _read_quietly(os.path.join(facts["pgdata"], "PG_VERSION"))
+        version = _read_quietly(os.path.join(facts["pgdata"], "PG_VERSION"), pg_owners, warnings)
         facts["pg_version"] = version.strip() if version else None
-        pid = _read_quietly(os.path.join(facts["pgdata"], "postmaster.pid"))
+        pid = _read_quietly(os.path.join(facts["pgdata"], "postmaster.pid"), pg_owners, warnings)
         lines = pid.splitlines() if pid else []
         if len(lines) >= 5:
             facts["port"], facts["socket_dir"] = lines[3].strip(), lines[4].strip() or None
-        conf = _read_quietly(os.path.join(facts["pgdata"], "postgresql.conf"))
+        conf = _read_quietly(os.path.join(facts["pgdata"], "postgresql.conf"), pg_owners, warnings)
         if conf:
             parsed = setup_files.parse_conf(conf)
             facts.setdefault("port", parsed.get("port"))
@@ -176,18 +201,19 @@ def detect(ctx, base, pgdata=None):
             if sockets and not facts.get("socket_dir"):
                 facts["socket_dir"] = sockets.split(",")[0].strip()
     props_path = os.path.join(base, "tomcat", "shared", "classes", "alfresco-global.properties")
-    props = setup_formats.parse_properties(_read_quietly(props_path) or "")
+    props = setup_formats.parse_properties(_read_quietly(props_path, pg_owners | _owners(base), warnings) or "")
     facts["properties"] = props_path if props else None
     url = setup_formats.parse_jdbc_url(props.get("db.url"))
     facts["db_user"], facts["db_password"] = props.get("db.username"), props.get("db.password")
-    facts["db_name"] = props.get("db.name") or url.get("database")
+    facts["db_name"] = (_plain_name(props.get("db.name"), "db.name", warnings)
+                        or _plain_name(url.get("database"), "the database of db.url", warnings))
     if not facts.get("port"):
         facts["port"] = url.get("port") or props.get("db.port")
     facts["db_host"] = url.get("host") or props.get("db.host")
     if props.get("dir.root"):
         facts["contentstore"] = os.path.join(props["dir.root"], "contentstore")
     if props.get("system.content.eagerOrphanCleanup", "").strip().lower() == "true":
-        facts["warnings"].append(
+        warnings.append(
             "system.content.eagerOrphanCleanup=true in %s: deleted content is removed at once, so a hot backup "
             "can miss files the database still pointed at; set it to false (the default) and let "
             "system.content.orphanProtectDays (14) protect orphans" % props_path)
@@ -244,20 +270,19 @@ def write_env(ctx, existing_text):
         ctx.record(".env", WOULD if ctx.dry_run else SKIPPED, ctx.env_path)
         return
     if existing_text is not None:
-        setup_sys.write_private("%s.%s.bak" % (ctx.env_path, ctx.stamp), existing_text, ctx.service_user)
-    setup_sys.write_private(ctx.env_path, new_text, ctx.service_user)
+        setup_safefs.write_private("%s.%s.bak" % (ctx.env_path, ctx.stamp), existing_text, ctx.service_user)
+    setup_safefs.write_private(ctx.env_path, new_text, ctx.service_user)
     ctx.record(".env", CHANGED, "wrote %s" % ctx.env_path)
 
 
 def _fix_env_mode(ctx):
-    info = os.stat(ctx.env_path)
+    info = os.lstat(ctx.env_path)
     wrong = info.st_mode & 0o077 or (setup_sys.i_am_root() and info.st_uid != ctx.service_user.uid)
     if not wrong:
         ctx.record(".env", UNCHANGED, "%s already holds these values" % ctx.env_path)
         return
     if ctx.decide("APPLY_ENV", ["make %s mode 0600, owner %s" % (ctx.env_path, ctx.service_user.name)]):
-        os.chmod(ctx.env_path, 0o600)
-        setup_sys.give_to(ctx.env_path, ctx.service_user)
+        setup_safefs.fix_file(ctx.env_path, ctx.service_user, 0o600)
         ctx.record(".env", CHANGED, "made %s private" % ctx.env_path)
     else:
         ctx.record(".env", WOULD if ctx.dry_run else SKIPPED, "mode of %s" % ctx.env_path)
@@ -288,6 +313,10 @@ def directories(ctx, log_dir):
     for path, mode, gid in plan:
         state = setup_sys.dir_state(path)
         want_gid = gid if gid is not None else (ctx.service_user.gid if state is None else state[1])
+        if state is not None and state[3] and state[:3] != (ctx.service_user.uid, want_gid, mode):
+            raise SetupError("%s is a symbolic link to a directory that needs another owner or mode: setup.py "
+                             "changes only real directories (a link could point anywhere); give the real path "
+                             "(%s) or remove the link" % (path, os.path.realpath(path)))
         if state is None:
             todo.append((path, mode, gid, "create %s (mode %04o, owner %s%s)" % (
                 path, mode, ctx.service_user.name, ", group %s" % setup_sys.group_name(gid) if gid else "")))
@@ -305,10 +334,5 @@ def directories(ctx, log_dir):
         ctx.record("directories", WOULD if ctx.dry_run else SKIPPED, backup)
         return
     for path, mode, gid, _text in todo:
-        if not setup_sys.make_private_dir(path, ctx.service_user, mode, gid):
-            try:
-                setup_sys.give_to(path, ctx.service_user, gid)
-                os.chmod(path, mode)
-            except OSError as exc:
-                raise SetupError("cannot set owner/mode of %s: %s" % (path, exc.strerror))
+        setup_safefs.ensure_dir(path, ctx.service_user, mode, gid, adopt_root=path == backup)
     ctx.record("directories", CHANGED, "; ".join(t[3] for t in todo))

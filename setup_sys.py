@@ -1,21 +1,37 @@
-"""System helpers for the set-up wizard: users, commands run as another user, psql, private files.
+"""System helpers for the set-up wizard: users, what runs as whom, and which paths only root can change.
 
 When the wizard runs as root (under sudo) every program that acts for the service user or for the
-PostgreSQL OS user runs as that user through ``setpriv`` (util-linux), and every file it creates is given
-to the service user; as an ordinary user it may only act for itself. Standard library only.
+PostgreSQL OS user runs as that user through ``setpriv`` (util-linux), in a new session without a terminal;
+a program runs as root only when it and every directory above it are root's and writable by nobody else
+(:func:`root_safe_path`). What must happen as another user inside this program (connecting a socket for
+peer authentication) happens in a forked child with that user's identity (:func:`in_child_as`). As an
+ordinary user the wizard may only act for itself. Files: setup_safefs.py; SQL: setup_db.py. Standard library
+only.
 """
 
 import grp
-import json
+import importlib
 import os
 import pwd
+import re
 import shutil
+import signal
+import socket
 import stat
-import tempfile
+import struct
 
 import subprocess_utils
 
-SETPRIV = "setpriv"
+ROOT_PROGRAM_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+# Moved out of this module; still reachable as setup_sys.NAME for callers written before the move.
+_MOVED = {"Psql": "setup_db", "read_text": "setup_safefs", "write_private": "setup_safefs",
+          "rewrite_in_place": "setup_safefs", "make_private_dir": "setup_safefs"}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError("module 'setup_sys' has no attribute %r" % name)
 
 
 class SetupError(Exception):
@@ -91,21 +107,29 @@ def user_env(user, extra=None):
 
 def as_user(user, argv):
     """``argv`` prefixed so that it runs as ``user`` (setpriv when root and another user; unchanged when it
-    already is that user). Raises SetupError when this process cannot act for ``user``."""
+    already is that user). As root for root, ``argv[0]`` must be an absolute root_safe_path. Raises
+    SetupError when this process cannot act for ``user`` or must not run the program."""
     if user.uid == os.geteuid():
+        if i_am_root() and not (os.path.isabs(argv[0]) and root_safe_path(argv[0])):
+            raise SetupError("refusing to run %s as root: it, or a directory above it, can be changed by a user "
+                             "other than root" % argv[0])
         return list(argv)
     if not i_am_root():
         raise SetupError("cannot run %s as %s while running as %s: run setup.py with sudo, or as %s"
                          % (os.path.basename(argv[0]), user.name, me().name, user.name))
-    return [SETPRIV, "--reuid=%d" % user.uid, "--regid=%d" % user.gid, "--init-groups", "--"] + list(argv)
+    return [root_program("setpriv"), "--reuid=%d" % user.uid, "--regid=%d" % user.gid, "--init-groups",
+            "--"] + list(argv)
 
 
 def run_as(user, argv, timeout=120, extra_env=None, secrets=(), ok_codes=(0,), stdin=None, what=None, cwd="/",
            daemon=False):
     """subprocess_utils.run of ``argv`` as ``user`` (``daemon``: it leaves a server running, see
-    subprocess_utils.run). Returns the CommandResult; raises CommandError."""
+    subprocess_utils.run). Run by root as another user, it starts in a new session without a terminal (stdin
+    is /dev/null or a pipe): it can neither type into the admin's root shell (TIOCSTI) nor read from it.
+    Returns the CommandResult; raises CommandError (SetupError when it may not run, see as_user)."""
     return subprocess_utils.run(as_user(user, argv), user_env(user, extra_env), timeout=timeout, secrets=secrets,
                                 ok_codes=ok_codes, cwd=cwd, what=what, daemon=daemon,
+                                new_session=user.uid != os.geteuid(),
                                 stdin_data=stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
 
 
@@ -118,16 +142,132 @@ def user_can(user, test, path):
         return False
 
 
-# ---- files -----------------------------------------------------------------------------------------------
-def read_text(path):
-    """The text of ``path``, or None when it does not exist. Raises SetupError when it cannot be read."""
+# ---- what only root can change --------------------------------------------------------------------------
+def _root_only(info):
+    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return info.st_uid == 0 and (not writable or (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX))
+
+
+def root_safe_path(path, _depth=0):
+    """True when nobody but root can change what ``path`` names: it and every directory above it belong to
+    root and are writable by nobody else (a sticky directory such as /tmp counts: others cannot rename what
+    root put there); a symbolic link on the way must be root's, and its target is checked the same way.
+    The path is walked as written, so a directory another user owns anywhere on it makes it unsafe."""
+    if _depth > 16:
+        return False
+    current = "/"
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
+        if not _root_only(os.lstat(current)):
+            return False
+        for part in [p for p in os.path.abspath(path).split("/") if p]:
+            candidate = os.path.join(current, part)
+            info = os.lstat(candidate)
+            if stat.S_ISLNK(info.st_mode):
+                if info.st_uid != 0 or not root_safe_path(os.path.join(current, os.readlink(candidate)),
+                                                          _depth + 1):
+                    return False
+                current = os.path.realpath(candidate)
+                continue
+            if not _root_only(info):
+                return False
+            current = candidate
+    except OSError:
+        return False
+    return True
+
+
+def root_program(name):
+    """Absolute path of the system program ``name`` (in ROOT_PROGRAM_DIRS, never from PATH: a PATH entry the
+    service user can write would hand it root), checked root_safe_path. Raises SetupError."""
+    for directory in ROOT_PROGRAM_DIRS:
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            if not root_safe_path(candidate):
+                raise SetupError("refusing to run %s as root: it, or a directory above it, can be changed by a "
+                                 "user other than root (fix its owner and mode)" % candidate)
+            return candidate
+    raise SetupError("%s not found in %s" % (name, ", ".join(ROOT_PROGRAM_DIRS)))
+
+
+# ---- acting as another user inside this program --------------------------------------------------------------
+def in_child_as(user, work, timeout=60):
+    """``work()`` run with the identity of ``user`` (uid, gid, supplementary groups); returns what it
+    returns: None or an open file descriptor (which comes back over a Unix socket, SCM_RIGHTS). When this
+    process is ``user`` already, ``work()`` simply runs here; otherwise (root only) in a forked child: no
+    program is executed, and the child, whose credentials changed, is not dumpable (``user`` cannot read its
+    memory, which holds what this process holds). ``work`` raises OSError or SetupError for a failure; the
+    message is raised here as SetupError."""
+    if user.uid == os.geteuid():
+        return work()
+    if not i_am_root():
+        raise SetupError("cannot act as %s while running as %s: run setup.py with sudo" % (user.name, me().name))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the child: it must never return into the caller's code
+        status = 1
+        try:
+            ours.close()
+            os.setgroups(os.getgrouplist(user.name, user.gid))
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            try:
+                fd = work()
+            except (OSError, SetupError) as exc:
+                theirs.sendall(b"E" + str(exc).encode("utf-8", "replace")[:4000])
+            else:
+                if fd is None:
+                    theirs.sendall(b"K")
+                else:
+                    theirs.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    try:
+        ours.settimeout(timeout)
+        data, ancillary, _flags, _address = ours.recvmsg(8192, socket.CMSG_SPACE(struct.calcsize("i")))
     except OSError as exc:
-        raise SetupError("cannot read %s: %s" % (path, exc.strerror))
+        data, ancillary = ("Eno answer within %s s (%s)" % (timeout, exc)).encode(), []
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    fds = [struct.unpack("i", payload[:4])[0] for level, kind, payload in ancillary
+           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS]
+    if data[:1] == b"F" and fds:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    if data[:1] == b"K":
+        return None
+    raise SetupError("as %s: %s" % (user.name, data[1:].decode("utf-8", "replace") or "the child process failed"))
+
+
+def connect_unix_as(user, path, timeout=30):
+    """A socket connected to the Unix socket ``path`` by ``user`` (so that PostgreSQL's peer authentication
+    sees that user), for use in this process. Raises SetupError."""
+    def work():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, "cannot connect to %s: %s" % (path, exc.strerror or exc))
+        return sock.detach()
+    return socket.socket(fileno=in_child_as(user, work, timeout + 5))
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """``text`` (output of a program another user controls) safe for the admin's terminal: control characters
+    (escape sequences) shown as '?'."""
+    return _UNPRINTABLE.sub("?", text)
 
 
 def give_to(path, user, group_gid=None):
@@ -136,68 +276,15 @@ def give_to(path, user, group_gid=None):
         os.lchown(path, user.uid, user.gid if group_gid is None else group_gid)
 
 
-def write_private(path, text, owner, mode=0o600):
-    """Write ``text`` to ``path`` atomically (temporary file beside it, fsync, rename), mode ``mode``, owned
-    by ``owner`` (when root). Raises SetupError."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    except OSError as exc:
-        raise SetupError("cannot write in %s: %s" % (directory, exc.strerror))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        give_to(tmp, owner)
-        os.rename(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise SetupError("cannot write %s: %s" % (path, exc.strerror))
-
-
-def rewrite_in_place(path, text):
-    """Replace the content of an existing file keeping its inode, owner and mode (PostgreSQL's own files:
-    no temporary file ever appears in the data directory). Raises SetupError."""
-    try:
-        with open(path, "r+", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.truncate()
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise SetupError("cannot write %s: %s" % (path, exc.strerror))
-
-
-def make_private_dir(path, owner, mode=0o700, group_gid=None):
-    """Create ``path`` (and missing parents, which get ``owner`` too) with ``mode``. Returns True when it was
-    created. Raises SetupError."""
-    missing = []
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        missing.append(probe)
-        probe = os.path.dirname(probe)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-            give_to(directory, owner, group_gid if directory == os.path.abspath(path) else None)
-            os.chmod(directory, mode if directory == os.path.abspath(path) else 0o700)
-        except OSError as exc:
-            raise SetupError("cannot create %s: %s" % (directory, exc.strerror))
-    return bool(missing)
-
-
 def dir_state(path):
-    """(owner uid, group gid, mode bits) of ``path`` or None when missing."""
+    """(owner uid, group gid, mode bits, is a symbolic link) of ``path`` (of its target for a link), or None
+    when missing."""
     try:
+        link = stat.S_ISLNK(os.lstat(path).st_mode)
         info = os.stat(path)
     except OSError:
         return None
-    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode), link
 
 
 def group_name(gid):
@@ -205,62 +292,6 @@ def group_name(gid):
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
-
-
-# ---- psql -------------------------------------------------------------------------------------------------
-def conninfo_quote(value):
-    """A libpq conninfo value, single-quoted with backslash escapes."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-class Psql:
-    """Runs SQL through the server's own ``psql`` (no psycopg2 here: the venv may not exist yet).
-
-    The password travels only in PGPASSWORD; SQL goes on stdin; values go as psql variables (``-v``, on the
-    command line, so never a secret) used as :'name' (literal) or :"name" (identifier).
-    """
-
-    def __init__(self, bin_dir, host, port, database, user, password, os_user):
-        self.psql = os.path.join(bin_dir, "psql")
-        self.host, self.port, self.database = host, str(port), database
-        self.user, self.password, self.os_user = user, password or "", os_user
-
-    def _env(self):
-        extra = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "alfresco-backup-setup"}
-        if self.password:
-            extra["PGPASSWORD"] = self.password
-        return extra
-
-    def run(self, sql, variables=None, timeout=60, replication=False):
-        """stdout of ``sql`` (trailing newline removed). Raises SetupError naming the role and server."""
-        conn = ["-h", self.host, "-p", self.port, "-U", self.user, "-d", self.database]
-        if replication:
-            conn = ["-d", "host=%s port=%s user=%s dbname=%s replication=true" % tuple(
-                conninfo_quote(v) for v in (self.host, self.port, self.user, self.database))]
-        argv = [self.psql, "-X", "-A", "-t", "-q", "--no-password", "-v", "ON_ERROR_STOP=1"] + conn
-        for name, value in sorted((variables or {}).items()):
-            argv += ["-v", "%s=%s" % (name, value)]
-        try:
-            result = run_as(self.os_user, argv, timeout=timeout, extra_env=self._env(), secrets=[self.password],
-                            stdin=sql, what="psql as %s" % self.user)
-        except subprocess_utils.CommandError as exc:
-            detail = (exc.stderr_tail or str(exc)).strip().replace("psql: ", "")
-            raise SetupError("psql as role %s on %s:%s failed: %s" % (self.user, self.host, self.port, detail))
-        return result.stdout.rstrip("\n")
-
-    def json(self, sql, variables=None):
-        """The single JSON value ``sql`` returns, decoded."""
-        out = self.run(sql, variables).strip()
-        try:
-            return json.loads(out) if out else None
-        except ValueError:
-            raise SetupError("unexpected psql output: %r" % out[:200])
-
-    def bool_row(self, sql, variables=None):
-        """The single row of booleans ``sql`` returns, as a tuple (raises SetupError unless exactly one row of
-        't'/'f' fields: never guessed from a header or a substring)."""
-        return parse_bool_row(self.run(sql, variables))
-
 
 def parse_bool_row(text):
     """(bool, ...) from psql -A -t output that must be exactly one row of 't'/'f' fields separated by '|'.

@@ -10,6 +10,7 @@ import os
 import time
 
 import catalog
+import pg_versions
 import postgres
 import wal
 import wal_config_check
@@ -98,7 +99,7 @@ def archiver_reason(cfg):
 def _iso(timestamp):
     if timestamp is None:
         return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
 
 
 def _age_hours(iso, now):
@@ -146,20 +147,31 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     window = None
     pg = facts["backups"]["postgres"]
     if pg["oldest_ended_at"] and chain and chain["ok"]:
-        window = {"from": pg["oldest_ended_at"], "to": facts.get("newest_segment_at")}
+        # The backup's last segment can reach the archive before the backup's own checks end: the window then
+        # ends where it starts (as restore_plan.recovery_window says), never before.
+        newest = facts.get("newest_segment_at")
+        ends = catalog.parse_iso(newest), catalog.parse_iso(pg["oldest_ended_at"])
+        window = {"from": pg["oldest_ended_at"],
+                  "to": newest if ends[0] and ends[1] and ends[0] >= ends[1] else pg["oldest_ended_at"]}
     return state, reasons, window
 
 
-def report(cfg, as_json=False):
-    """Print the status; return the Nagios exit code."""
+def report(cfg, as_json=False, publish=None):
+    """Print the status; return the Nagios exit code. ``publish(doc)`` (metrics.publish) may complete the
+    document (installation, last run) and write it to the monitoring files; it returns the document."""
     facts = collect(cfg)
     now = datetime.datetime.now(datetime.timezone.utc)
     state, reasons, window = assess(facts, now, cfg.BACKUP_MAX_AGE_HOURS, cfg.WAL_MAX_AGE_HOURS)
+    doc = {"state": STATE_NAMES[state], "reasons": reasons, "window": window, "facts": facts}
+    doc = publish(doc) if publish else doc
     if as_json:
-        print(json.dumps({"state": STATE_NAMES[state], "reasons": reasons, "window": window, "facts": facts},
-                         indent=2, sort_keys=True, default=str))
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
         return state
     print("ALFRESCO BACKUP %s" % STATE_NAMES[state])
+    last = doc.get("last_run")
+    if last:
+        print("  %s: last run %s (exit %s), ended %s" % (doc.get("installation"), last.get("result"),
+                                                         last.get("exit_code"), last.get("ended_at")))
     for kind, info in facts["backups"].items():
         age = _age_hours(info["newest_ended_at"], now)
         print("  %-12s newest %s (%s old), %d complete of %d" % (
@@ -187,10 +199,13 @@ def check(cfg, log):
         print("FAIL connection: %s" % exc)
         return 1
     try:
-        checks = wal_config_check.evaluate(wal_config_check.read_settings(conn))
-        results += [(c.status, c.name, c.message) for c in checks]
-        if not wal_config_check.failed(checks):
-            results.append(_switch_and_wait(cfg, conn))
+        facts = wal_config_check.read_settings(conn)
+        checks = wal_config_check.evaluate(facts)
+        # A WAL switch is what --check is for: without the privilege it cannot test anything.
+        results += [("FAIL" if c.name == "wal_switch" and c.status != "OK" else c.status, c.name, c.message)
+                    for c in checks]
+        if not any(r[0] == "FAIL" for r in results):
+            results.append(_switch_and_wait(cfg, conn, facts))
     finally:
         conn.close()
     for status_word, name, message in results:
@@ -199,24 +214,23 @@ def check(cfg, log):
     return 1 if any(r[0] == "FAIL" for r in results) else 0
 
 
-def _switch_and_wait(cfg, conn):
+def _switch_and_wait(cfg, conn, facts):
+    """A restore point and a WAL switch (the built-ins when the role may call them, else, on 9.x, the helper
+    functions setup.py made), then wait for the closed segment in the archive. Returns a result tuple."""
     import psycopg2
 
-    num = int(postgres.query(conn, "SHOW server_version_num")[0][0])
-    switch, walfile = ("pg_switch_wal", "pg_walfile_name") if num >= 100000 else ("pg_switch_xlog",
-                                                                                  "pg_xlogfile_name")
+    num = facts["server_version_num"]
+    helper = not facts["switch_direct"]
     label = "alfresco-backup-check-%s" % time.strftime("%Y%m%d%H%M%S")
     try:
-        postgres.query(conn, "SELECT pg_create_restore_point(%s)", (label,))
-        segment = postgres.query(conn, "SELECT %s(%s())" % (walfile, switch))[0][0]
+        # The restore point first: the switch then always closes a segment (a no-op switch would return a
+        # segment boundary, which pg_walfile_name names as the next, incomplete segment from 17 on).
+        postgres.query(conn, pg_versions.restore_point_sql(helper), (label,))
+        segment = postgres.query(conn, pg_versions.switch_sql(num, helper))[0][0]
     except psycopg2.Error as exc:
-        if num < 100000:  # before 10 these functions check for a superuser themselves: no GRANT helps
-            return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; on PostgreSQL 9.x only a superuser can: "
-                    "run --check with a superuser as PGUSER (e.g. --env pointing at a copy of .env), or wait "
-                    "archive_timeout seconds and look at --status" % (cfg.PGUSER, str(exc).strip()))
-        return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; as a superuser run: GRANT EXECUTE ON "
-                "FUNCTION %s() TO \"%s\"; GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO \"%s\";"
-                % (cfg.PGUSER, str(exc).strip(), switch, cfg.PGUSER, cfg.PGUSER))
+        return ("FAIL", "wal_switch", "cannot switch WAL as %s: %s; as a superuser in database %s run: %s (or "
+                "run setup.py)" % (cfg.PGUSER, str(exc).strip(), facts.get("database"), " ".join(
+                    s + ";" for s in pg_versions.switch_fix(num, '"%s"' % cfg.PGUSER.replace('"', '""')))))
     started = time.monotonic()
     if wal.wait_for_file(cfg.wal_archive_dir, segment, cfg.WAL_WAIT_TIMEOUT):
         return ("OK", "wal_archived", "segment %s reached %s in %.1f s" % (

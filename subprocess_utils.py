@@ -56,6 +56,20 @@ def mask(text, secrets):
     return text
 
 
+class MaskingFilter(logging.Filter):
+    """A logging filter that masks every one of ``secrets`` in every record, whatever logged it (the entry points
+    put it on their handlers)."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record):
+        if self.secrets:
+            record.msg, record.args = mask(record.getMessage(), self.secrets), None
+        return True
+
+
 def base_env(extra=None):
     """A minimal explicit environment: PATH, HOME, LANG/LC_ALL (C, so tool output parses), plus ``extra``.
 
@@ -187,7 +201,7 @@ def pass_to_children(fd):
 
 
 def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, stdout_level=logging.INFO,
-        stdin_data=None, what=None, daemon=False):
+        stdin_data=None, what=None, daemon=False, new_session=False):
     """Run ``argv`` and wait for it.
 
     Inputs: ``argv`` list of strings; ``env`` the complete environment (build it with :func:`base_env`);
@@ -196,7 +210,8 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
     ``what`` a short phrase ("taking the base backup") used in error messages. ``daemon``: the command
     leaves a server running (pg_ctl start, alfresco.sh start): it gets its own session, so neither a hang-up
     of the admin's terminal nor a kill of our process group reaches the server, and it does not inherit
-    the backup lock.
+    the backup lock. ``new_session``: it gets its own session (no controlling terminal) but is otherwise an
+    ordinary command (setup.py's commands run as another user: they must not reach the admin's terminal).
     Output: a :class:`CommandResult` (stdout/stderr also kept in memory; do not use for huge output).
     Raises :class:`CommandError` when the program is missing, times out or exits with a code not in
     ``ok_codes``.
@@ -211,7 +226,7 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
         proc = subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=() if daemon else tuple(_INHERITED_FDS),
-            start_new_session=daemon)
+            start_new_session=daemon or new_session)
     except FileNotFoundError:
         raise CommandError("%s: program not found: %s" % (label, argv[0]), shown, not_found=True)
     except PermissionError as exc:

@@ -7,6 +7,8 @@
 import gzip
 import io
 import os
+import re
+import stat
 import tarfile
 import time
 
@@ -175,25 +177,75 @@ def read_member(path, wanted):
     return scan(path, (wanted,))[1].get(wanted)
 
 
-def extract(path, dest):
-    """Extract ``path`` into directory ``dest``, refusing members that would land outside it.
+SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_TABLESPACE_LINK = re.compile(r"^pg_tblspc/[0-9]+$")
+WAL_DIR_NAMES = ("pg_wal", "pg_xlog")
 
-    Modes come from the archive (PostgreSQL files are 0600/0700). Raises TarError.
+
+def check_member(member, archive_path):
+    """Refuse a member a PostgreSQL base backup never holds and that could write outside the target (pure).
+
+    Refused: absolute names and ``..``; hard links (pg_basebackup writes none, and tarfile resolves them
+    against the extraction root, not the member's directory); devices and FIFOs; a ``pg_wal``/``pg_xlog``
+    that is a link (the WAL tar would be extracted through it); absolute symlinks except ``pg_tblspc/<oid>``
+    (tablespaces); relative symlinks that leave the tree. Returns the member's clean name; raises TarError.
+    """
+    name = _clean(member.name).rstrip("/")
+    parts = name.split("/")
+    if not name or member.name.startswith("/") or ".." in parts:
+        raise TarError("%s: member %r would be written outside the target directory" % (archive_path, member.name))
+    if member.islnk():
+        raise TarError("%s: member %r is a hard link (to %r); a PostgreSQL base backup holds none: refusing the "
+                       "archive" % (archive_path, member.name, member.linkname))
+    if not (member.isfile() or member.isdir() or member.issym()):
+        raise TarError("%s: member %r is a device or FIFO; refusing the archive" % (archive_path, member.name))
+    if member.issym():
+        if name in WAL_DIR_NAMES:
+            raise TarError("%s: %s is a symbolic link (to %r): the WAL would be extracted outside the data "
+                           "directory; refusing the archive" % (archive_path, name, member.linkname))
+        if os.path.isabs(member.linkname):
+            if not _TABLESPACE_LINK.match(name):
+                raise TarError("%s: member %r is a symbolic link to the absolute path %r; only pg_tblspc/<oid> "
+                               "may be one: refusing the archive" % (archive_path, member.name, member.linkname))
+        else:
+            resolved = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+            if resolved == ".." or resolved.startswith("../"):
+                raise TarError("%s: symbolic link %r points outside the target (%r)" % (archive_path, member.name,
+                                                                                       member.linkname))
+    return name
+
+
+def extract(path, dest):
+    """Extract ``path`` into directory ``dest`` member by member, refusing what :func:`check_member` refuses
+    and any member whose path would reach outside ``dest`` through a symlink extracted before it.
+
+    setuid/setgid/sticky bits and group/other write bits are dropped (PostgreSQL's files are 0600/0700); the
+    ``data`` extraction filter is used where Python has it. An existing non-directory at a member's path is
+    removed first, so a regular file is never written through a link. Raises TarError.
     """
     dest_real = os.path.realpath(dest)
+    has_filters = hasattr(tarfile, "data_filter")
 
     def visit(member, archive):
-        target = os.path.realpath(os.path.join(dest, member.name))
-        if target != dest_real and not target.startswith(dest_real + os.sep):
-            raise TarError("%s: member %r would be written outside %s" % (path, member.name, dest))
-        if member.issym() or member.islnk():
-            link_target = os.path.realpath(os.path.join(os.path.dirname(target), member.linkname))
-            if member.islnk() or not os.path.isabs(member.linkname):
-                if not link_target.startswith(dest_real + os.sep):
-                    raise TarError("%s: link %r points outside %s" % (path, member.name, dest))
-        kwargs = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+        name = check_member(member, path)
+        target = os.path.join(dest_real, name)
+        parent = os.path.realpath(os.path.dirname(target))
+        if parent != dest_real and not parent.startswith(dest_real + os.sep):
+            raise TarError("%s: member %r would be written outside %s (through a symbolic link)"
+                           % (path, member.name, dest))
+        if os.path.lexists(target) and not (member.isdir() and os.path.isdir(target)
+                                            and not os.path.islink(target)):
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise TarError("%s: member %r replaces a directory" % (path, member.name))
+            os.unlink(target)
+        member.mode &= ~(SPECIAL_BITS | 0o022)
+        if member.issym() and os.path.isabs(member.linkname):
+            # A tablespace link (check_member allowed only these); the data filter refuses every absolute link.
+            os.symlink(member.linkname, target)
+            return
+        kwargs = {"filter": "data"} if has_filters else {}
         # numeric_owner: the archive's uid is the server's; names may not exist on a new host.
-        archive.extract(member, dest, set_attrs=True, numeric_owner=True, **kwargs)
+        archive.extract(member, dest_real, set_attrs=True, numeric_owner=True, **kwargs)
 
     walk(path, visit)
 

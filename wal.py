@@ -338,6 +338,9 @@ class _Failed(Exception):
         self.code = code
 
 
+ArchiveFailed = _Failed  # the public name, for callers of archive_push/archive_get as a library
+
+
 class _Interrupted(BaseException):
     """A termination signal arrived; raised so that ``finally`` blocks remove temp files."""
 
@@ -354,6 +357,14 @@ def _fsync_dir(path):
         # Some network file systems cannot fsync a directory; PostgreSQL ignores this case too.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
             raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -441,6 +452,10 @@ def _existing(local, final, local_gz=False):
     for candidate in (final, final + ".gz"):
         if os.path.lexists(candidate):
             if _same_content(local, candidate, local_gz):
+                # The copy found may be one an interrupted push (or another tool) never made durable:
+                # exit 0 promises PostgreSQL it is on disk, so make it so (as basic_archive does).
+                _fsync_file(candidate)
+                _fsync_dir(os.path.dirname(candidate) or ".")
                 return f"already archived, identical: {candidate}"
             raise _Failed(f"{candidate} already exists in the archive with DIFFERENT content; not overwriting "
                           "it. Find out why (two servers archiving into one directory? a restored copy still "

@@ -4,6 +4,7 @@
 into named :class:`Check` results. A FAIL names the setting and the line to change.
 """
 
+import pg_versions
 import postgres
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -33,7 +34,30 @@ def read_settings(conn):
     role = postgres.query(conn, "SELECT rolname, rolreplication, rolsuper FROM pg_roles "
                                 "WHERE rolname = current_user")
     facts["role"], facts["rolreplication"], facts["rolsuper"] = role[0] if role else ("?", False, False)
+    facts["switch_direct"], facts["switch_helper"] = postgres.query(
+        conn, pg_versions.switch_access_sql(facts["server_version_num"]))[0]
+    facts["database"] = postgres.query(conn, "SELECT current_database()")[0][0]
     return facts
+
+
+def switch_check(facts):
+    """The wal_switch Check: may the role switch WAL and create restore points (directly, or on 9.x through
+    the helper functions setup.py creates)? WARN with the exact fix when not (``--check`` then fails)."""
+    num, role = facts["server_version_num"], facts.get("role")
+    if facts.get("switch_direct"):
+        return Check("wal_switch", OK, "role %s may switch WAL (%s())" % (role, pg_versions.wal_functions(num).switch))
+    if facts.get("switch_helper"):
+        return Check("wal_switch", OK, "role %s may switch WAL through %s (set up by setup.py)"
+                     % (role, pg_versions.HELPER_SWITCH))
+    fix = " ".join(s + ";" for s in pg_versions.switch_fix(num, '"%s"' % str(role).replace('"', '""')))
+    why = ("on PostgreSQL %s only a superuser may call %s() and pg_create_restore_point(), and the functions "
+           "%s and %s that setup.py creates for the backup role are missing or not granted"
+           % (pg_versions.major_label(num), pg_versions.wal_functions(num).switch, pg_versions.HELPER_SWITCH,
+              pg_versions.HELPER_RESTORE_POINT)) if pg_versions.switch_needs_superuser(num) else \
+        "it lacks EXECUTE on %s" % " and ".join(pg_versions.switch_grants(num))
+    return Check("wal_switch", WARN, "role %s may not switch WAL or create restore points, so backup.py --check "
+                 "cannot test the archive: %s. Run setup.py (with PGSUPERUSER), or as a superuser in database %s "
+                 "run: %s" % (role, why, facts.get("database") or "PGDATABASE", fix))
 
 
 def evaluate(facts):
@@ -41,10 +65,9 @@ def evaluate(facts):
     num = facts["server_version_num"]
     conf = facts.get("config_file") or "postgresql.conf"
     checks = []
-    good_levels = ("replica", "logical") if num >= 90600 else ("archive", "hot_standby", "logical")
-    wanted_level = "replica" if num >= 90600 else "hot_standby"
+    wanted_level = pg_versions.archive_wal_level(num)
     level = facts.get("wal_level")
-    if level in good_levels or (num >= 90600 and level in ("archive", "hot_standby")):
+    if pg_versions.wal_level_ok(num, level):
         checks.append(Check("wal_level", OK, "wal_level = %s" % level))
     else:
         checks.append(Check("wal_level", FAIL, "wal_level is '%s'; set wal_level = %s in %s (or ALTER SYSTEM) "
@@ -81,6 +104,8 @@ def evaluate(facts):
                             "archive_timeout = 300 (seconds) in %s and reload" % conf))
     else:
         checks.append(Check("archive_timeout", OK, "archive_timeout = %d s" % timeout))
+    if "switch_direct" in facts:
+        checks.append(switch_check(facts))
     return checks
 
 

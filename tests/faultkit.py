@@ -21,6 +21,7 @@ Files
 Everything here is test code: it may signal only processes it started (and their descendants).
 """
 
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -33,6 +34,7 @@ import tempfile
 import time
 
 import catalog
+import pytest
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 KINDS = {"postgres": "base", "contentstore": "contentstore", "config": "config"}
@@ -365,3 +367,18 @@ def restore_verify(sb, env_path, timeout=600):
     if not os.path.isfile(os.path.join(sb.project_dir, "restore.py")):
         return None
     return sb.run_cli("restore.py", args=["verify"], env_path=env_path, timeout=timeout)
+
+
+@contextlib.contextmanager
+def small_fs(path, size, uid, gid):
+    """A tmpfs of ``size`` (bytes, or a mount size such as '2m') mounted at ``path`` for the block (root only);
+    skips the test when it cannot be mounted. Lazily unmounted afterwards."""
+    os.makedirs(path, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700,uid=%d,gid=%d" % (size, uid, gid),
+                             "tmpfs", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)

@@ -25,7 +25,9 @@ Layout under the root R (``Sandbox.create()``; default R = ``mkdtemp(prefix="alf
     R/backup.env                         written by write_env()
     R/sandbox.json                       parameters (0600) for Sandbox.load(R)
 
-The server listens on 127.0.0.1:<free port> and on the socket; every login needs a password (scram-sha-256).
+The server listens on 127.0.0.1:<free port> and on the socket; every login needs a password (scram-sha-256;
+md5 on 9.x, which has no SCRAM). 9.4's own rules are followed too: ``initdb --nosync``, ``wal_level =
+hot_standby``, no GRANT on pg_switch_xlog()/pg_create_restore_point() (only superusers may call them there).
 ``archive=True`` archives with ``"/usr/bin/python3" "<project>/wal.py" archive-push "%p" "<wal_archive_dir>"``;
 a verbatim ``archive_command`` may contain ``{archive_dir}``, replaced by wal_archive_dir.
 
@@ -33,11 +35,15 @@ API (all paths absolute strings)::
 
     sb = Sandbox.create(root=None, pg_bin=None, n_files=40, archive=True, archive_command=None,
                         replication=True, hba_replication=True, start=True, extra_conf=None,
-                        alfresco_password=None)        # extra_conf: dict name -> value, or raw text
+                        alfresco_password=None, switch_grants=True)
+        # extra_conf: dict name -> value, or raw text; switch_grants: GRANT EXECUTE on pg_switch_wal() and
+        # pg_create_restore_point() to alfresco (10+; 9.x refuses non-superusers whatever the grants)
     sb = Sandbox.load(root)                            # reattach (another process)
     attributes: root alf_base_dir pgdata pg_bin socket_dir port backup_dir wal_archive_dir contentstore_dir
         service_user uid gid home python superuser_password alfresco_password project_dir log_file
         real_pg_bin (the PostgreSQL install pg_bin links to)
+        server_major (90400, 150000: from ``postgres --version``), password_method ('md5' or 'scram-sha-256')
+    sb.switch_wal() -> name of the WAL segment it closed (restore point + pg_switch_wal/pg_switch_xlog)
     sb.start(timeout=60); sb.stop(mode="fast"); sb.restart(); sb.reload(); sb.is_running() -> bool
     sb.postmaster_pid() -> int or None; sb.append_conf(dict or text)   # then restart() or reload()
     sb.psql(sql, db="alfresco", user="alfresco", password=None) -> str   # stdout stripped; SandboxError on failure
@@ -53,9 +59,10 @@ API (all paths absolute strings)::
 
 Environment: SANDBOX_PG_BIN selects the PostgreSQL bin directory (default: ``pg_config --bindir`` if it has
 postgres and initdb, else the newest /usr/lib/postgresql/*/bin); ALFSANDBOX_KEEP=1 makes destroy() keep files.
-Other majors (10..16) come from tests/matrix_pg.py, whose bin dirs hold server and client tools together:
-``SANDBOX_PG_BIN=$(python tests/matrix_pg.py path 10) pytest tests/test_backup_e2e.py`` runs a test on 10
-(tests written for 15 may assume its file names, e.g. backup_manifest, which 10..12 do not write).
+Other majors (9.4, 10..18) come from tests/matrix_pg.py, whose bin dirs hold server and client tools together:
+``SANDBOX_PG_BIN=$(python tests/matrix_pg.py path 9.4) pytest tests/test_backup_e2e.py`` runs a test on 9.4
+(tests written for the system's major may assume its file names, e.g. backup_manifest, which 9.4..12 do not
+write).
 
 CLI (for ``make demo``)::
 
@@ -190,6 +197,21 @@ def default_pg_bin():
     if not found:
         raise SandboxError("no PostgreSQL server found (set SANDBOX_PG_BIN to its bin directory)")
     return os.path.dirname(found[-1])
+
+
+def server_major_of(pg_bin):
+    """server_version_num-style major (90400, 150000) of ``pg_bin``/postgres. Raises SandboxError."""
+    program = os.path.join(pg_bin, "postgres")
+    try:
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=60,
+                             check=False).stdout
+    except OSError as exc:
+        raise SandboxError("%s does not run: %s" % (program, exc))
+    match = re.search(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise SandboxError("%s --version said %r" % (program, out))
+    major = int(match.group(1))
+    return major * 10000 if major >= 10 else major * 10000 + int(match.group(2) or 0) * 100
 
 
 def pid_alive(pid):
@@ -328,6 +350,28 @@ class Sandbox:
         self.user = service_user()
         self.service_user, self.uid, self.gid, self.home = self.user
         self._python = None
+        self._server_major = None
+
+    @property
+    def server_major(self):
+        """The server's major as a server_version_num (90400, 150000), from ``postgres --version``; cached."""
+        if self._server_major is None:
+            self._server_major = server_major_of(self.real_pg_bin)
+        return self._server_major
+
+    @property
+    def password_method(self):
+        """scram-sha-256 from 10, md5 before (9.x knows no SCRAM)."""
+        return "scram-sha-256" if self.server_major >= 100000 else "md5"
+
+    def switch_wal(self):
+        """Close the current WAL segment (as the superuser; a restore point first, so that the switch is
+        never a no-op, whose boundary position 17+ would name as the next, incomplete segment). Returns the
+        closed segment's name."""
+        self.psql("SELECT pg_create_restore_point('sandbox-switch')", db="postgres", user="postgres")
+        if self.server_major >= 100000:
+            return self.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
+        return self.psql("SELECT pg_xlogfile_name(pg_switch_xlog())", db="postgres", user="postgres")
 
     @property
     def python(self):
@@ -339,7 +383,7 @@ class Sandbox:
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
     def create(cls, root=None, pg_bin=None, n_files=40, archive=True, archive_command=None, replication=True,
-               hba_replication=True, start=True, extra_conf=None, alfresco_password=None):
+               hba_replication=True, start=True, extra_conf=None, alfresco_password=None, switch_grants=True):
         """Build, initdb, start and fill a sandbox. Returns it (running unless ``start=False``).
 
         Raises SandboxError (the half-built root is removed) when a step fails.
@@ -356,7 +400,7 @@ class Sandbox:
             "wal_archive_dir": os.path.join(root, "backups", "pg_wal"),
             "superuser_password": secrets.token_urlsafe(18),
             "alfresco_password": alfresco_password or "alf-" + secrets.token_urlsafe(15),
-            "replication": replication, "hba_replication": hba_replication,
+            "replication": replication, "hba_replication": hba_replication, "switch_grants": switch_grants,
         }
         if len(os.path.join(root, "run", ".s.PGSQL.65535")) > 100:
             raise SandboxError("sandbox root path too long for a Unix socket: %s" % root)
@@ -463,9 +507,10 @@ class Sandbox:
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.superuser_password + "\n")
             self.chown_to_service_user(pwfile)
-            self._check(["%s/initdb" % self.pg_bin, "-D", self.pgdata, "-U", "postgres", "--auth-local=scram-sha-256",
-                         "--auth-host=scram-sha-256", "--pwfile=" + pwfile, "-E", "UTF8", "--locale=C", "--no-sync"],
-                        "initdb", timeout=180)
+            auth = self.password_method
+            self._check(["%s/initdb" % self.pg_bin, "-D", self.pgdata, "-U", "postgres", "--auth-local=" + auth,
+                         "--auth-host=" + auth, "--pwfile=" + pwfile, "-E", "UTF8", "--locale=C",
+                         "--no-sync" if self.server_major >= 100000 else "--nosync"], "initdb", timeout=180)
         finally:
             os.unlink(pwfile)
 
@@ -479,7 +524,8 @@ class Sandbox:
             archive_command = archive_command.replace("{archive_dir}", self.wal_archive_dir)
         settings = collections.OrderedDict([
             ("listen_addresses", "127.0.0.1"), ("unix_socket_directories", self.socket_dir),
-            ("wal_level", "replica"), ("max_wal_senders", 10), ("synchronous_commit", False),
+            ("wal_level", "replica" if self.server_major >= 90600 else "hot_standby"), ("max_wal_senders", 10),
+            ("synchronous_commit", False),
             ("shared_buffers", "16MB"), ("archive_mode", bool(archive)), ("archive_timeout", 0)])
         if archive_command is not None:
             settings["archive_command"] = archive_command
@@ -491,10 +537,11 @@ class Sandbox:
         if isinstance(extra_conf, str):
             self._conf_block += extra_conf.rstrip("\n") + "\n"
         self._write_conf()
-        hba = ["local all all scram-sha-256", "host all all 127.0.0.1/32 scram-sha-256"]
+        auth = self.password_method
+        hba = ["local all all " + auth, "host all all 127.0.0.1/32 " + auth]
         if self.params["hba_replication"]:
-            hba[1:1] = ["local replication all scram-sha-256"]
-            hba.append("host replication all 127.0.0.1/32 scram-sha-256")
+            hba[1:1] = ["local replication all " + auth]
+            hba.append("host replication all 127.0.0.1/32 " + auth)
         self._write(os.path.join(self.pgdata, "pg_hba.conf"), "\n".join(hba) + "\n", 0o600)
 
     def _write_conf(self):
@@ -520,9 +567,11 @@ class Sandbox:
                   db="postgres", user="postgres")
         rows = self._pending_rows
         del self._pending_rows
-        self.psql("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO alfresco;\n"
+        # Before 10 these functions refuse non-superusers whatever the grants (setup.py makes a helper there).
+        grants = ("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO alfresco;\n"
                   "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO alfresco;\n"
-                  "SET ROLE alfresco;\n" + SCHEMA_SQL + self._rows_sql(rows, 1), user="postgres")
+                  if self.server_major >= 100000 and self.params.get("switch_grants", True) else "")
+        self.psql(grants + "SET ROLE alfresco;\n" + SCHEMA_SQL + self._rows_sql(rows, 1), user="postgres")
 
     @staticmethod
     def _rows_sql(files, first_id):

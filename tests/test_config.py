@@ -376,7 +376,7 @@ def test_markdown_table_has_one_well_formed_row_per_option():
 def test_option_table_is_consistent():
     assert len(set(config.OPTION_NAMES)) == len(config.OPTION_NAMES)
     for name, kind, default, required, description, _secret in config.OPTIONS:
-        kinds = ("str", "int", "port", "bool", "path", "emails", "compression")
+        kinds = ("str", "int", "port", "bool", "path", "emails", "compression", "url", "name")
         assert kind in kinds or kind.startswith("choice:"), name
         assert description
         assert not (required and default), name

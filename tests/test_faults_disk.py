@@ -1,6 +1,5 @@
 """Disk full, for real: BACKUP_DIR on a small tmpfs mounted by the test (root only)."""
 
-import contextlib
 import glob
 import logging
 import os
@@ -10,6 +9,7 @@ import base_backup
 import catalog
 import config
 import contentstore
+import faultkit
 import postgres
 import pytest
 from mailserver import MailServer
@@ -17,17 +17,7 @@ from mailserver import MailServer
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-@contextlib.contextmanager
-def small_fs(path, size, uid, gid):
-    os.makedirs(path, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700,uid=%d,gid=%d" % (size, uid, gid),
-                             "tmpfs", path], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
+small_fs = faultkit.small_fs
 
 
 def remount(path, size):

@@ -69,8 +69,8 @@ HOSTILE = ["$(touch /tmp/pwned)", "1; rm -rf /", "`id`"]
 
 def test_the_option_table_is_what_these_tests_cover():
     kinds = {kind.split(":")[0] for _name, kind, *_rest in config.OPTIONS}
-    assert kinds <= {"str", "int", "port", "path", "choice", "emails", "compression", "bool"}, kinds
-    assert len(INT_KEYS) >= 10 and len(PATH_KEYS) >= 6 and len(CHOICE_KEYS) == 3
+    assert kinds <= {"str", "int", "port", "path", "choice", "emails", "compression", "bool", "url", "name"}, kinds
+    assert len(INT_KEYS) >= 10 and len(PATH_KEYS) >= 6 and len(CHOICE_KEYS) == 4
 
 
 @pytest.mark.parametrize("key", INT_KEYS)
@@ -87,7 +87,26 @@ def test_path_keys_refuse_relative_paths(tree, key, value):
     assert key in found and "must be an absolute path" in found[key], found
 
 
-@pytest.mark.parametrize("key", ["ALF_BASE_DIR", "PG_BIN_DIR", "PGDATA", "CONTENTSTORE_DIR", "SMTP_CA_FILE"])
+@pytest.mark.parametrize("value", ["hc-ping.com/uuid-secret", "ftp://host/uuid-secret", "https:///uuid-secret",
+                                   "https://host/uuid-secret two", "https://host/uuid-secret\tx"] + HOSTILE)
+def test_ping_url_refuses_what_is_not_http_and_never_shows_it(tree, value):
+    found = problems(tree, PING_URL=value)
+    assert "must be an http:// or https:// URL" in found.get("PING_URL", ""), found
+    assert "uuid-secret" not in found["PING_URL"] and "pwned" not in found["PING_URL"]
+
+
+@pytest.mark.parametrize("value", ["a\tb", "x" * 65, "new\u2028line"])
+def test_installation_name_is_one_short_printable_line(tree, value):
+    assert "INSTALLATION_NAME" in problems(tree, INSTALLATION_NAME=value)
+
+
+@pytest.mark.parametrize("value", HOSTILE + ["Kunde Müller GmbH", 'say "hi" \\ {x}'])
+def test_installation_name_with_shell_syntax_is_kept_literally(tree, value):
+    assert config.load_config(write_env(tree, INSTALLATION_NAME=value)).installation_name == value
+
+
+@pytest.mark.parametrize("key", ["ALF_BASE_DIR", "PG_BIN_DIR", "PGDATA", "CONTENTSTORE_DIR", "SMTP_CA_FILE",
+                                 "PING_CA_FILE", "METRICS_FILE"])
 def test_path_keys_that_must_exist_name_the_missing_path(tree, key):
     missing = os.path.join(tree["root"], "nowhere; $(touch x)", "dir")
     found = problems(tree, **{key: missing})

@@ -13,11 +13,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import base_backup  # noqa: E402
+import matrix_pg  # noqa: E402
+import pg_versions  # noqa: E402
 import postgres  # noqa: E402
 from postgres import PostgresError  # noqa: E402
 
 V94, V95, V96, V10, V12, V13, V14, V15, V16 = 90426, 90526, 90624, 100023, 120022, 130018, 140015, 150018, 160002
-SYSTEM_BIN = "/usr/lib/postgresql/15/bin"
+# The system's PostgreSQL (15 on Debian 12, 17 on Debian 13): detected, not assumed.
+SYSTEM_MAJOR = matrix_pg.system_major()
+SYSTEM_BIN = matrix_pg.system_bin(SYSTEM_MAJOR) if SYSTEM_MAJOR else None
 
 
 # --- version numbers -------------------------------------------------------------------------------------
@@ -56,11 +60,11 @@ def test_version_label_round_trips_through_parse():
 
 
 def test_client_version_of_the_installed_tools():
-    if not os.access(os.path.join(SYSTEM_BIN, "pg_basebackup"), os.X_OK):
-        pytest.skip("PostgreSQL 15 client tools not installed")
+    if not SYSTEM_BIN or not os.access(os.path.join(SYSTEM_BIN, "pg_basebackup"), os.X_OK):
+        pytest.skip("no system PostgreSQL client tools installed (make deps)")
     path, num = postgres.client_version(SYSTEM_BIN, {"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
     assert path == os.path.join(SYSTEM_BIN, "pg_basebackup")
-    assert postgres.major_of(num) == 150000
+    assert postgres.major_of(num) == pg_versions.major_from_label(SYSTEM_MAJOR)
 
 
 def test_client_version_missing_tool_is_postgres_error(tmp_path):

@@ -32,10 +32,12 @@ from sandbox import free_port
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("RESTORE.md", "RESTORE_QUICK_REFERENCE.md")
 NOT_HERE = {
-    "pg-9.4": ("needs a PostgreSQL 9.4 server; this machine runs 15", [90426]),
+    "pg-9.4": ("needs a PostgreSQL 9.4 server; it runs for real against the matrix's 9.4.26 (its own tools) in "
+               "test_old_major_blocks_run_on_a_real_server_when_one_is_installed only when tests/matrix_pg.py has "
+               "installed 9.4 (else that test is skipped)", [90426]),
     "pg-9.5-9.6": ("needs a PostgreSQL 9.5/9.6 server; this machine runs 15", [90524, 90623]),
     "pg-10-11": ("needs a PostgreSQL 10/11 server; it runs for real against PostgreSQL 10 in "
-                 "test_pg10_11_block_runs_on_a_postgresql_10_server_when_one_is_installed only when tests/matrix_pg.py "
+                 "test_old_major_blocks_run_on_a_real_server_when_one_is_installed only when tests/matrix_pg.py "
                  "has installed 10 (else that test is skipped)", [100023, 110022]),
     "solr": ("needs an Alfresco Solr installation; the sandbox has none", []),
 }
@@ -424,17 +426,20 @@ def test_restore_md_runs_against_a_sandbox(docs_sandbox):
 
 
 @pytest.mark.matrix
-def test_pg10_11_block_runs_on_a_postgresql_10_server_when_one_is_installed(sandbox_factory):
-    """The ```sh pg-10-11 block for real, when the version matrix (tests/matrix_pg.py, issue 6) has installed
-    PostgreSQL 10 on this machine; otherwise skipped with the reason (it then stays in the NOT EXECUTED list)."""
+@pytest.mark.parametrize("marker,major,done_file", [("pg-10-11", 10, "recovery.done"),
+                                                    ("pg-9.4", "9.4", "recovery.done")])
+def test_old_major_blocks_run_on_a_real_server_when_one_is_installed(sandbox_factory, marker, major, done_file):
+    """The ```sh pg-10-11 and pg-9.4 blocks for real, when the version matrix (tests/matrix_pg.py) has installed
+    PostgreSQL 10 / 9.4 (the Alfresco 5.2 bundle's major, with its own tools) on this machine; otherwise skipped
+    with the reason (they then stay in the NOT EXECUTED list)."""
     try:
         import matrix_pg
 
-        install = matrix_pg.locate(10)
+        install = matrix_pg.locate(major)
     except ImportError as exc:
         pytest.skip("tests/matrix_pg.py is not available: %s" % exc)
     except Exception as exc:  # matrix_pg.Unavailable: not installed here
-        pytest.skip("PostgreSQL 10 is not installed here: %s" % exc)
+        pytest.skip("PostgreSQL %s is not installed here: %s" % (major, exc))
     sb = sandbox_factory(pg_bin=install.bin_dir, n_files=5)
     env = sb.write_env()
     backup(sb, env)
@@ -443,10 +448,10 @@ def test_pg10_11_block_runs_on_a_postgresql_10_server_when_one_is_installed(sand
     moment = sb.psql("SELECT clock_timestamp()")
     time.sleep(1)
     sb.psql("INSERT INTO alf_node VALUES (9002, 'later', 1, 'x')")
-    segment = sb.psql("SELECT pg_walfile_name(pg_switch_wal())", db="postgres", user="postgres")
+    segment = sb.switch_wal()
     assert wal.wait_for_file(sb.wal_archive_dir, segment, 60)
-    block = next(b for b in parse_blocks("RESTORE.md") if b.marker == "pg-10-11")
-    dest, port = os.path.join(sb.root, "pg10"), free_port()
+    block = next(b for b in parse_blocks("RESTORE.md") if b.marker == marker)
+    dest, port = os.path.join(sb.root, "old-major"), free_port()
     values = {"BASE": newest(sb, "postgres"), "RESTORE_DIR": dest, "RESTORE_PORT": str(port), "TARGET_TIME": moment,
               "TOOL_DIR": sb.project_dir, "WAL_ARCHIVE_DIR": sb.wal_archive_dir, "PGBIN": sb.pg_bin}
     script = "set -euo pipefail\n" + "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in values.items())
@@ -454,9 +459,9 @@ def test_pg10_11_block_runs_on_a_postgresql_10_server_when_one_is_installed(sand
         proc = sb.run_as_service_user(["bash", "-c", script + block.text], timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         deadline = time.monotonic() + 120
-        while not os.path.exists(os.path.join(dest, "recovery.done")) and time.monotonic() < deadline:
+        while not os.path.exists(os.path.join(dest, done_file)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert os.path.exists(os.path.join(dest, "recovery.done")), sorted(os.listdir(dest))  # promoted
+        assert os.path.exists(os.path.join(dest, done_file)), sorted(os.listdir(dest))  # promoted
         rows = sb.run_as_service_user([os.path.join(sb.pg_bin, "psql"), "-X", "-At", "-h", "/tmp", "-p", str(port),
                                        "-U", "alfresco", "-d", "alfresco", "-c",
                                        "SELECT string_agg(id::text, ',') FROM alf_node WHERE id > 9000"],

@@ -119,27 +119,47 @@ def test_window_uses_the_name_not_the_mtime(tmp_path):
     assert "older than the 7-day retention window (10.0 days)" in plan.decisions[0].reason
 
 
-def test_unparseable_name_falls_back_to_mtime(tmp_path):
+def test_unknown_names_and_metadata_less_directories_are_kept_and_reported(tmp_path):
     now = datetime.datetime.now().replace(microsecond=0)
     manual = make(tmp_path, "postgres", None, dirname="base-manual-copy")
-    restored = make(tmp_path, "postgres", None, dirname="base-restored-copy")
+    make(tmp_path, "postgres", None, dirname="base-restored-copy")
+    keep = make(tmp_path, "postgres", None, dirname=catalog.backup_name("postgres", now - 30 * DAY) + "-keep")
+    copied_in = make(tmp_path, "postgres", now - 20 * DAY, status=INCOMPLETE)  # a backup without its .json
     make(tmp_path, "postgres", now - HOUR)
     set_mtime(manual, now - 10 * DAY)
-    set_mtime(restored, now - 3 * HOUR)
+    set_mtime(keep, now - 30 * DAY)
     # Not backup-shaped: never listed, never touched.
     os.mkdir(os.path.join(str(tmp_path), "postgres", "lost+found"))
     with open(os.path.join(str(tmp_path), "postgres", "notes.txt"), "w") as handle:
         handle.write("keep me")
     plan = retention.plan_retention(retention.collect(str(tmp_path)), now, retention_days=7)
     by_name = decisions_by_name(plan)
-    assert set(by_name) == {"base-manual-copy", "base-restored-copy", catalog.backup_name("postgres", now - HOUR)}
-    assert by_name["base-manual-copy"].action == "delete"
-    assert "mtime" in by_name["base-manual-copy"].reason
-    assert by_name["base-restored-copy"].action == "keep"
+    unknown = ["base-manual-copy", "base-restored-copy", os.path.basename(keep), os.path.basename(copied_in)]
+    assert set(by_name) == set(unknown + [catalog.backup_name("postgres", now - HOUR)])
+    for name in unknown:
+        assert by_name[name].action == "keep", by_name[name]
+        assert any(name in warning for warning in plan.warnings), plan.warnings
+    assert "not one this tool writes" in by_name["base-manual-copy"].reason
+    assert "no readable metadata" in by_name[os.path.basename(copied_in)].reason
+    assert plan.to_delete() == []
     result = retention.apply_plan(plan, logging.getLogger("test"))
-    assert result.deleted == ["base-manual-copy"]
+    assert result.deleted == []
+    for path in (manual, keep, copied_in):
+        assert os.path.isdir(path)
     assert os.path.isdir(os.path.join(str(tmp_path), "postgres", "lost+found"))
     assert os.path.isfile(os.path.join(str(tmp_path), "postgres", "notes.txt"))
+    with pytest.raises(OSError, match="not a postgres backup directory"):
+        retention.delete_entry(by_name["base-manual-copy"].entry)
+
+
+def test_a_damaged_metadata_file_keeps_even_an_old_backup(tmp_path):
+    old = make(tmp_path, "contentstore", NOW - 40 * DAY)
+    with open(catalog.info_path(old), "w") as handle:
+        handle.write("{not json")
+    make(tmp_path, "contentstore", NOW - DAY)
+    plan = retention.plan_retention(retention.collect(str(tmp_path)), NOW, 7)
+    assert plan.to_delete() == []
+    assert any("no readable metadata" in w for w in plan.warnings)
 
 
 def test_non_done_deleted_only_with_the_lock_and_never_the_current_run(tmp_path):
@@ -148,7 +168,7 @@ def test_non_done_deleted_only_with_the_lock_and_never_the_current_run(tmp_path)
     make(tmp_path, "contentstore", NOW - 30 * DAY)
     make(tmp_path, "contentstore", NOW - 3 * DAY, status=FAILED)
     make(tmp_path, "config", NOW - 30 * DAY)
-    make(tmp_path, "config", NOW - 4 * DAY, status=INCOMPLETE)
+    make(tmp_path, "config", NOW - 4 * DAY, status=FAILED)
     current = make(tmp_path, "postgres", NOW - HOUR, status=PARTIAL)
     current_name = catalog.backup_name("postgres", NOW - HOUR)
     assert current.endswith(".partial")
@@ -166,7 +186,7 @@ def test_non_done_deleted_only_with_the_lock_and_never_the_current_run(tmp_path)
                                           catalog.backup_name("config", NOW - 4 * DAY)])
     assert by_name[catalog.backup_name("postgres", NOW - 20 * DAY)].reason == "partial left by an interrupted run"
     assert by_name[catalog.backup_name("contentstore", NOW - 3 * DAY)].reason == "FAILED backup, not needed"
-    assert "INCOMPLETE" in by_name[catalog.backup_name("config", NOW - 4 * DAY)].reason
+    assert by_name[catalog.backup_name("config", NOW - 4 * DAY)].reason == "FAILED backup, not needed"
     assert by_name[current_name].action == "keep"
     assert "current run" in by_name[current_name].reason
 
@@ -356,7 +376,7 @@ def test_apply_plan_deletes_directory_and_metadata(tmp_path, caplog):
     assert os.path.basename(old) in caplog.text
 
 
-@pytest.mark.parametrize("steps", ["metadata", "metadata+rename", "metadata+rename+half"])
+@pytest.mark.parametrize("steps", ["rename", "rename+metadata", "rename+metadata+half"])
 def test_interrupted_delete_never_looks_done_and_is_cleaned_next_time(tmp_path, steps):
     victim = make(tmp_path, "postgres", NOW - 30 * DAY)
     make(tmp_path, "postgres", NOW - DAY)
@@ -364,11 +384,11 @@ def test_interrupted_delete_never_looks_done_and_is_cleaned_next_time(tmp_path, 
     plan = retention.plan_retention(retention.collect(str(tmp_path)), NOW, 7)
     [entry] = plan.to_delete()
     # Run delete_entry's steps by hand and "crash" part way.
-    retention.drop_metadata(entry)
+    path = retention.rename_to_partial(entry)
+    assert path == victim + ".partial"
     assert_nothing_done_looking(str(tmp_path), name)
-    if "rename" in steps:
-        path = retention.rename_to_partial(entry)
-        assert path == victim + ".partial"
+    if "metadata" in steps:
+        retention.drop_metadata(entry)
         if "half" in steps:
             os.unlink(os.path.join(path, "data.bin"))
             shutil.rmtree(os.path.join(path, "sub", "deeper"))
@@ -379,13 +399,29 @@ def test_interrupted_delete_never_looks_done_and_is_cleaned_next_time(tmp_path, 
     plan = retention.plan_retention(retention.collect(str(tmp_path)), NOW, 7)
     [decision] = [d for d in plan.decisions if d.action == "delete"]
     assert decision.entry.name == name
-    assert decision.entry.status == (PARTIAL if "rename" in steps else INCOMPLETE)
-    if "rename" in steps:
-        assert decision.reason == "partial left by an interrupted run"
+    assert decision.entry.status == PARTIAL
+    assert decision.reason == "partial left by an interrupted run"
     result = retention.apply_plan(plan, logging.getLogger("test"))
     assert result.deleted == [name]
+    assert retention.remove_orphan_metadata(str(tmp_path)) == []
     assert sorted(os.listdir(os.path.join(str(tmp_path), "postgres"))) == sorted(
         [catalog.backup_name("postgres", NOW - DAY), catalog.backup_name("postgres", NOW - DAY) + ".json"])
+
+
+def test_metadata_whose_directory_is_gone_is_removed_and_nothing_else(tmp_path):
+    kept = make(tmp_path, "config", NOW - DAY)
+    partial = make(tmp_path, "config", NOW - 2 * DAY, status=PARTIAL)
+    orphan = catalog.info_path(os.path.join(str(tmp_path), "config", catalog.backup_name("config", NOW - 3 * DAY)))
+    for path in (orphan, orphan + ".tmp", catalog.info_path(partial)):
+        with open(path, "w") as handle:
+            handle.write("{}")
+    foreign = os.path.join(str(tmp_path), "config", "config-notes.json")
+    with open(foreign, "w") as handle:
+        handle.write("{}")
+    assert sorted(retention.remove_orphan_metadata(str(tmp_path))) == sorted(
+        [os.path.basename(orphan), os.path.basename(orphan) + ".tmp"])
+    for path in (catalog.info_path(kept), catalog.info_path(partial), foreign):
+        assert os.path.isfile(path)
 
 
 def test_renamed_partial_with_stale_metadata_is_not_done_and_is_cleaned(tmp_path):

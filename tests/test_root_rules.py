@@ -90,3 +90,19 @@ def test_shared_locks_coexist_and_exclude_an_exclusive_one(tmp_path):
             lock.BackupLock(str(tmp_path), lock.RESTORE_LOCK_NAME, shared=True).acquire()
     finally:
         exclusive.release()
+
+
+def test_recovery_files_are_never_written_through_a_planted_symlink(tmp_path):
+    import restore_db
+    import restore_settings
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    files = restore_settings.RecoveryFiles("restore_command = 'x'\n", "recovery.signal", "port = 5433\n")
+    for name in ("postgresql.auto.conf", "recovery.signal", "recovery.conf"):
+        data = tmp_path / ("data-" + name)
+        data.mkdir()
+        os.symlink(str(victim), str(data / name))
+        with pytest.raises(OSError, match="symbolic link"):
+            restore_db.write_recovery(str(data), files)
+    assert victim.read_text() == "precious\n"

@@ -125,8 +125,9 @@ def test_interactive_wizard_then_a_rerun_changes_nothing(sandbox_factory, cron_g
                sb.superuser_password, "VENV_DIR": PROJECT_VENV, "RESTART_POSTGRES": "yes"}
     asked, code, transcript = drive(child, answers, log)
     assert code == EXIT_OK, transcript[-3000:]
-    for key in ("ALF_BASE_DIR", "PGHOST", "PGPASSWORD", "BACKUP_DIR", "PGSUPERUSER", "PGSUPERPASSWORD",
-                "APPLY_ENV", "APPLY_PG_SETTINGS", "APPLY_HBA", "APPLY_ROLE", "RESTART_POSTGRES", "APPLY_CRON"):
+    for key in ("ALF_BASE_DIR", "PGHOST", "PGPASSWORD", "BACKUP_DIR", "INSTALLATION_NAME", "PGSUPERUSER",
+                "PGSUPERPASSWORD", "APPLY_ENV", "APPLY_PG_SETTINGS", "APPLY_HBA", "APPLY_ROLE", "RESTART_POSTGRES",
+                "APPLY_CRON"):
         assert key in asked, (key, asked)
     assert sb.superuser_password not in transcript and sb.alfresco_password not in transcript
     assert "+host\treplication\talfresco\t127.0.0.1/32" in transcript  # the diff was shown before asking

@@ -108,3 +108,107 @@ def test_a_tar_cut_exactly_after_a_member_is_truncated_not_complete(tmp_path, ex
     with open(path, "wb") as handle:
         handle.write(compressed(whole, ext))
     assert set(tar_io.list_members(path)) == set(MEMBERS)
+
+
+# ---- hostile archives (issue 10, point 1): what a base backup never holds is refused ------------------------
+
+def hostile_tar(path, members, ext=".zst"):
+    """Write a tar of ``members``: (name, kind, payload) with kind 'file' (bytes), 'dir', 'sym' (link target),
+    'hard' (link target), 'fifo', or ('file', bytes, mode)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, kind, payload, *rest in members:
+            info = tarfile.TarInfo(name)
+            info.mode = rest[0] if rest else (0o700 if kind == "dir" else 0o600)
+            data = None
+            if kind == "file":
+                info.size, data = len(payload), io.BytesIO(payload)
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind in ("sym", "hard"):
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = payload
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
+            archive.addfile(info, data)
+    with open(path, "wb") as handle:
+        handle.write(compressed(buffer.getvalue(), ext))
+    return path
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "victim"
+    path.write_bytes(b"precious\n")
+    return path
+
+
+def test_a_hard_link_resolved_against_the_root_cannot_overwrite_a_file_outside(tmp_path, victim):
+    dest = tmp_path / "deep" / "dest"
+    dest.mkdir(parents=True)
+    # tarfile resolves a hard link's target against the extraction root: d/x -> ../../victim is outside,
+    # although seen from d/ it looks like dest/victim.
+    tar = hostile_tar(str(tmp_path / "base.tar.zst"), [
+        ("d", "dir", None), ("d/x", "hard", "../../victim"), ("d/x", "file", b"OVERWRITTEN")])
+    with pytest.raises(tar_io.TarError, match="hard link"):
+        tar_io.extract(tar, str(dest))
+    assert victim.read_bytes() == b"precious\n"
+
+
+@pytest.mark.parametrize("wal_dir", ["pg_wal", "pg_xlog"])
+def test_a_wal_directory_that_is_a_link_is_refused(tmp_path, wal_dir):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tar = hostile_tar(str(tmp_path / "base.tar"), [("PG_VERSION", "file", b"15\n"), (wal_dir, "sym", str(outside))],
+                      ext="")
+    with pytest.raises(tar_io.TarError, match="%s is a symbolic link" % wal_dir):
+        tar_io.extract(tar, str(dest))
+    assert not os.path.lexists(dest / wal_dir)
+
+
+def test_absolute_links_only_as_tablespaces_and_relative_links_stay_inside(tmp_path, victim):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    ok = hostile_tar(str(tmp_path / "ok.tar.gz"), [
+        ("pg_tblspc", "dir", None), ("pg_tblspc/16384", "sym", "/srv/tablespaces/ts1"),
+        ("conf", "dir", None), ("conf/link", "sym", "../PG_VERSION"), ("PG_VERSION", "file", b"15\n")], ext=".gz")
+    tar_io.extract(ok, str(dest))
+    assert os.readlink(dest / "pg_tblspc" / "16384") == "/srv/tablespaces/ts1"
+    assert (dest / "conf" / "link").read_bytes() == b"15\n"
+    for i, members in enumerate([
+            [("postgresql.auto.conf", "sym", str(victim))],  # absolute, not a tablespace
+            [("conf", "dir", None), ("conf/up", "sym", "../../victim")],  # relative, leaves the tree
+            [("esc", "sym", ".."), ("esc/victim", "file", b"OVERWRITTEN")],  # a file through a link
+            [("pg_tblspc", "dir", None), ("pg_tblspc/1", "sym", str(tmp_path)),
+             ("pg_tblspc/1/victim", "file", b"OVERWRITTEN")]]):  # a file through a tablespace link
+        target = tmp_path / ("dest%d" % i)
+        target.mkdir()
+        with pytest.raises(tar_io.TarError, match="outside|absolute path"):
+            tar_io.extract(hostile_tar(str(tmp_path / ("bad%d.tar" % i)), members, ext=""), str(target))
+    assert victim.read_bytes() == b"precious\n"
+
+
+def test_setuid_bits_are_dropped_and_devices_refused(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tar = hostile_tar(str(tmp_path / "base.tar"), [("bin", "file", b"#!/bin/sh\n", 0o6777),
+                                                  ("dir", "dir", None, 0o3777)], ext="")
+    tar_io.extract(tar, str(dest))
+    assert oct(os.stat(dest / "bin").st_mode & 0o7777) == oct(0o755)
+    assert oct(os.stat(dest / "dir").st_mode & 0o7777) == oct(0o755)
+    other = tmp_path / "dest2"
+    other.mkdir()
+    with pytest.raises(tar_io.TarError, match="device or FIFO"):
+        tar_io.extract(hostile_tar(str(tmp_path / "fifo.tar"), [("pipe", "fifo", None)], ext=""), str(other))
+    assert not os.path.lexists(other / "pipe")
+
+
+def test_a_real_base_backup_still_extracts(tmp_path):
+    tar = hostile_tar(str(tmp_path / "base.tar.lz4"), [(n, "file", d) for n, d in MEMBERS.items()], ext=".lz4")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tar_io.extract(tar, str(dest))
+    for name, data in MEMBERS.items():
+        assert (dest / name).read_bytes() == data

@@ -160,3 +160,38 @@ def test_a_stock_94_bundle_fails_every_setting_at_once():
 
 def test_check_repr_names_status():
     assert repr(wcc.Check("x", FAIL, "msg")) == "Check(x, FAIL, msg)"
+
+
+# ---- wal_switch: may the role switch WAL (what backup.py --check does)? -----------------------------------
+
+def test_no_switch_facts_no_switch_check():
+    assert "wal_switch" not in by_name(wcc.evaluate(facts()))
+
+
+@pytest.mark.parametrize("version,direct,helper,wording", [
+    (150018, True, False, "may switch WAL (pg_switch_wal())"),
+    (90426, True, False, "may switch WAL (pg_switch_xlog())"),
+    (90426, False, True, "may switch WAL through alfresco_backup.switch_wal() (set up by setup.py)"),
+])
+def test_switch_privilege_ok(version, direct, helper, wording):
+    check = by_name(wcc.evaluate(facts(version, switch_direct=direct, switch_helper=helper)))["wal_switch"]
+    assert check.status == OK and wording in check.message
+
+
+def test_switch_privilege_missing_on_15_names_the_grants():
+    check = by_name(wcc.evaluate(facts(150018, switch_direct=False, switch_helper=False,
+                                       database="alfresco")))["wal_switch"]
+    assert check.status == WARN
+    assert "it lacks EXECUTE on pg_switch_wal() and pg_create_restore_point(text)" in check.message
+    assert check.message.endswith('run: GRANT EXECUTE ON FUNCTION pg_switch_wal() TO "alfresco"; GRANT EXECUTE '
+                                  'ON FUNCTION pg_create_restore_point(text) TO "alfresco";')
+
+
+def test_switch_privilege_missing_on_9_4_names_the_helper_and_setup():
+    check = by_name(wcc.evaluate(facts(90426, switch_direct=False, switch_helper=False,
+                                       database="alfresco")))["wal_switch"]
+    assert check.status == WARN
+    assert "on PostgreSQL 9.4 only a superuser may call pg_switch_xlog()" in check.message
+    assert "Run setup.py (with PGSUPERUSER), or as a superuser in database alfresco run: CREATE SCHEMA IF NOT " \
+           "EXISTS alfresco_backup;" in check.message
+    assert 'GRANT EXECUTE ON FUNCTION alfresco_backup.switch_wal() TO "alfresco";' in check.message
