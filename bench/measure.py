@@ -212,29 +212,51 @@ class Bench(snapshots.ContentstoreScenarios):
         return os.path.join(catalog.kind_dir(self.sb.backup_dir, "postgres"), info["name"])
 
     def restore_drill(self, runs):
+        """Per run, in turns: the drill (``restore.py verify``), ``restore.py postgres --immediate --start``
+        (the restored server is stopped afterwards, untimed) and the bare restore; the bare samples are the
+        reference of both rows."""
         backup = self.drill_backup()
         ours = restore_verify_available()
         if not ours:
             self.notes.append("restore drill, ours: not available yet (no restore.py with a verify command)")
         for run in range(runs):
-            sides = order_of(["ours", "bare"], run) if ours else ["bare"]
+            sides = order_of(["drill", "postgres", "bare"], run) if ours else ["bare"]
             for position, side in enumerate(sides):
                 cold = self.cold()
                 if side == "bare":
                     seconds = self.bare_restore(backup)
-                    self.add("restore_drill", side, run, position, seconds, cold, backup=os.path.basename(backup))
+                    for op in ("restore_drill", "restore_postgres"):
+                        self.add(op, "bare", run, position, seconds, cold, backup=os.path.basename(backup))
+                elif side == "drill":
+                    self._ours_restore("restore_drill", run, position, cold, backup,
+                                       ["verify", "--backup", os.path.basename(backup)])
                 else:
-                    started = time.monotonic()
-                    proc = self.sb.run_as_service_user(
-                        [self.sb.python, os.path.join(PROJECT_DIR, "restore.py"), "verify", "--env", self.env_path,
-                         "--backup", os.path.basename(backup)], timeout=7200)
-                    seconds = time.monotonic() - started
-                    if proc.returncode != 0:
-                        self.notes.append("restore.py verify run %d exit %d: %s" % (
-                            run, proc.returncode, (proc.stderr or proc.stdout).strip()[-300:]))
-                    self.add("restore_drill", side, run, position, seconds, cold, ok=proc.returncode == 0,
-                             exit_code=proc.returncode,
-                             backup=os.path.basename(backup), output_tail=(proc.stdout + proc.stderr)[-3000:])
+                    dest = os.path.join(self.sb.root, "restored-%d" % run)
+                    try:
+                        self._ours_restore("restore_postgres", run, position, cold, backup,
+                                           ["postgres", "--to", dest, "--backup", os.path.basename(backup),
+                                            "--immediate", "--start"])
+                    finally:
+                        self._stop_restored(dest)
+
+    def _ours_restore(self, op, run, position, cold, backup, args):
+        started = time.monotonic()
+        proc = self.sb.run_as_service_user(
+            [self.sb.python, os.path.join(PROJECT_DIR, "restore.py"), args[0], "--env", self.env_path] + args[1:],
+            timeout=7200)
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            self.notes.append("restore.py %s run %d exit %d: %s" % (
+                args[0], run, proc.returncode, (proc.stderr or proc.stdout).strip()[-300:]))
+        self.add(op, "ours", run, position, seconds, cold, ok=proc.returncode == 0, exit_code=proc.returncode,
+                 backup=os.path.basename(backup), output_tail=(proc.stdout + proc.stderr)[-3000:])
+
+    def _stop_restored(self, dest):
+        """Untimed: stop the server ``restore.py postgres --start`` left running on ``dest`` and remove it."""
+        if os.path.exists(os.path.join(dest, "postmaster.pid")):
+            self.sb.run_as_service_user([os.path.join(self.sb.pg_bin, "pg_ctl"), "-D", dest, "-m", "immediate",
+                                         "-w", "stop"], timeout=120)
+        shutil.rmtree(dest, ignore_errors=True)
 
     def bare_restore(self, backup):
         """``tar -x`` base + pg_wal into a fresh directory, start ``postgres`` on it (no archiving, own port

@@ -27,7 +27,10 @@ ROWS += [
      lambda o, b, r: r["ratio"] <= 0.2),
     ("btrfs_delete", "btrfs_delete", None, "btrfs: retention delete of one snapshot", "bare", "<= 0.1x",
      lambda o, b, r: r["ratio"] <= 0.1),
-    ("restore_drill", "restore_drill", None, "restore drill (ours: restore.py verify)", "bare", "-", None),
+    ("restore_postgres", "restore_postgres", None, "restore (ours: restore.py postgres --immediate --start)",
+     "bare", "<= 1.3x", lambda o, b, r: r["ratio"] <= 1.3),
+    ("restore_drill", "restore_drill", None, "restore drill (ours: restore.py verify, every check)", "bare",
+     "<= 2x", lambda o, b, r: r["ratio"] <= 2.0),
     ("nightly_overhead", "nightly_overhead", None, "whole nightly run overhead beyond stages", None, "<= 1 s",
      lambda o, b, r: o <= 1.0),
     ("snapshot_full", "snapshot_full", None, "first contentstore copy", "bare", "< 1.0x",
@@ -36,6 +39,7 @@ ROWS += [
 BARE_TOOLS = {
     "db_backup": "pg_basebackup with our flags", "db_backup_vs_gzip": "pg_basebackup, our flags but -z",
     "retention_delete": "rm -rf", "restore_drill": "tar -x + postgres until pg_isready",
+    "restore_postgres": "tar -x + postgres until pg_isready",
     "snapshot_full": "one rsync -a", "btrfs_1pct": "rsync -a --link-dest (on the btrfs)",
     "btrfs_delete": "rm -rf (on the btrfs)",
 }
