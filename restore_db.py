@@ -275,7 +275,8 @@ def verify_manifest(cfg, base, dest, log, digests_checked=False):
     try:
         tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
-        log.warning("%s; the manifest is not checked", exc)
+        log.warning("%s; the manifest is not checked%s", exc, " by pg_verifybackup (every file's size and digest "
+                    "was checked against it during the extraction)" if digests_checked else "")
         return None
     try:
         # --no-parse-wal: pg_verifybackup would run pg_waldump through /bin/sh with our paths in it; the WAL
