@@ -88,12 +88,19 @@ def choose_method(configured, previous_exists, on_btrfs=False):
     return "linktree"
 
 
-def worker_count(configured, cpus=None):
-    """CONTENTSTORE_PARALLEL ``configured`` as a thread count (pure): itself when > 0, else two per CPU
-    core, 2 to 8 (measured: a cold disk wants several requests in flight, and the engine spends most of
-    its time in system calls that release the GIL; see bench/RESULTS.md)."""
-    if configured > 0:
-        return configured
+def worker_count(configured):
+    """CONTENTSTORE_PARALLEL ``configured`` as the engines take it (pure): the number when > 0, else None:
+    the in-process engine measures how many threads help (linktree._measured_workers) and the first copy
+    runs :func:`rsync_count` rsyncs."""
+    return configured if configured > 0 else None
+
+
+def rsync_count(workers, cpus=None):
+    """How many rsyncs the first copy runs at once (pure): ``workers`` when set, else two per CPU core, 2 to
+    8 (measured on 2 cores: four rsyncs took 0.55-0.7x the time of one, two 0.75-0.85x; see
+    bench/RESULTS.md)."""
+    if workers:
+        return workers
     return max(2, min(8, 2 * (cpus or os.cpu_count() or 1)))
 
 
@@ -131,11 +138,12 @@ def compare_plan(previous_info, now, full_compare_days, margin_s=None):
         "only directories changed since %s are compared file by file" % before.isoformat(timespec="seconds")
 
 
-def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", workers=4, full_compare_days=7):
+def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", workers=None, full_compare_days=7):
     """Snapshot ``source`` into ``backup_dir/contentstore/name``. ``workers``: threads of the in-process
-    engine; ``full_compare_days``: see :func:`compare_plan`. Returns the metadata dict (status DONE), also
-    written beside the snapshot. Raises ContentstoreError; the partial is kept for the next run, except
-    after "no space left", when keeping it would only keep the disk full."""
+    engine and rsyncs of the first copy (None: chosen, see :func:`worker_count`); ``full_compare_days``:
+    see :func:`compare_plan`. Returns the metadata dict (status DONE), also written beside the snapshot.
+    Raises ContentstoreError; the partial is kept for the next run, except after "no space left", when
+    keeping it would only keep the disk full."""
     started, started_iso = time.monotonic(), catalog.utc_now_iso()
     if not os.path.isdir(source):
         raise ContentstoreError("contentstore not found: %s (set CONTENTSTORE_DIR or ALF_BASE_DIR)" % source)
@@ -192,6 +200,7 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         "full_compare_at": started_iso if trust_ns is None else
         last_full_compare(previous.info).isoformat(timespec="microseconds"),
         "dirs_trusted": stats.get("dirs_trusted"), "dirs_compared": stats.get("dirs_compared"),
+        "workers": stats.get("workers", rsync_count(workers) if engine == "rsync" and not previous else None),
     }
     catalog.write_info(final, info)  # before the rename: see base_backup.take_base_backup
     os.rename(partial, final)
@@ -237,7 +246,7 @@ def _run_rsync(source, partial, previous, timeout, backup_dir, workers=1):
     try:
         if previous is None:
             stats = first_copy.parallel_copy(
-                source, partial, workers, copy_one, _sum_stats,
+                source, partial, rsync_count(workers), copy_one, _sum_stats,
                 keep_going=lambda: not no_space and (deadline is None or time.monotonic() < deadline))
         else:
             stats = copy_one(source, partial, [])
@@ -277,7 +286,7 @@ def _run_linktree(source, partial, previous, workers, resume, backup_dir, log, t
             "files_copied": counts["copied"], "bytes_total": counts["bytes_total"],
             "bytes_copied": counts["bytes_copied"], "dirs_trusted": counts["dirs_trusted"],
             "dirs_compared": counts["dirs_compared"], "delta_files": counts["delta_files"],
-            "delta_bytes": counts["delta_bytes"]}, warnings
+            "delta_bytes": counts["delta_bytes"], "workers": stats.workers or workers}, warnings
 
 
 def _run_btrfs(source, partial, previous, workers, resumed, backup_dir, log, trust_ns, why, timeout):

@@ -26,14 +26,20 @@ syscalls release the GIL, and several requests in flight help a cold disk. This 
 directory, what is done; :mod:`linktree_ops` does it to the entries.
 """
 
+import collections
 import os
 import stat
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import filesystems
 import linktree_ops
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
+ADAPT_WINDOW_S = 0.25
+ADAPT_GAIN = 1.1
+ADAPT_LIMIT = max(2, min(16, 4 * (os.cpu_count() or 1)))
 
 
 class LinkTreeError(Exception):
@@ -48,6 +54,7 @@ class Stats:
 
     def __init__(self, resume=False):
         self.resume = resume
+        self.workers = None  # threads used, when the engine chose
         for name in self.FIELDS:
             setattr(self, name, 0)
         self.warnings = []
@@ -145,6 +152,60 @@ def _walk(job, item):
     return stats, dir_attrs
 
 
+def _measured_workers(job, items):
+    """Walk ``items`` with as many threads as measurably help: one per CPU core to begin with, then one more
+    after each ADAPT_WINDOW_S window in which the directories done per second rose by ADAPT_GAIN over the
+    best so far, up to ADAPT_LIMIT. Measured on 2 cores: a cold cache wants 3-4 threads (requests in
+    flight), a warm one 2 (the work is system calls on shared kernel locks); a fixed count loses one or
+    the other. Returns ([(Stats, dir_attrs)], threads used); raises what a worker raised."""
+    pending = collections.deque(items)  # popleft is atomic: the workers share it without a lock
+    results, errors, counters, threads = [], [], [], []
+    finished, lock = threading.Event(), threading.Lock()
+
+    def work(counter):
+        stats, dir_attrs = Stats(job.resume), []
+        try:
+            while not errors:
+                try:
+                    stack = [pending.popleft()]
+                except IndexError:
+                    break
+                while stack:
+                    stack.extend(_process(job, stats, stack.pop(), dir_attrs))
+                    counter[0] += 1
+        except BaseException as exc:  # raised again by the caller's thread
+            errors.append(exc)
+        with lock:
+            results.append((stats, dir_attrs))
+            if len(results) == len(threads):
+                finished.set()
+
+    def add():
+        counter = [0]
+        counters.append(counter)
+        with lock:
+            threads.append(threading.Thread(target=work, args=(counter,), name="linktree", daemon=True))
+        threads[-1].start()
+
+    for _ in range(min(len(items), max(1, os.cpu_count() or 1))):
+        add()
+    best, growing, done_before, since = None, True, 0, time.monotonic()
+    while threads and not finished.wait(ADAPT_WINDOW_S):
+        now, done = time.monotonic(), sum(c[0] for c in counters)
+        rate, done_before, since = (done - done_before) / max(now - since, 1e-6), done, now
+        if growing and pending and len(threads) < ADAPT_LIMIT:
+            if best is None or rate > best * ADAPT_GAIN:
+                best = rate
+                add()
+            else:
+                growing = False
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, len(threads)
+
+
 def _apply_dir_attrs(dir_attrs, as_root):
     # Deepest first: setting a parent's mtime before filling its children would be undone by them.
     for path, st in sorted(dir_attrs, key=lambda item: item[0].count(b"/"), reverse=True):
@@ -154,7 +215,7 @@ def _apply_dir_attrs(dir_attrs, as_root):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def snapshot(source, dest, previous=None, workers=4, resume=False, trust_before_ns=None, in_place=False):
+def snapshot(source, dest, previous=None, workers=None, resume=False, trust_before_ns=None, in_place=False):
     """Make ``dest`` (an existing directory) a copy of ``source``.
 
     ``previous``: the previous snapshot; files unchanged since it become hard links into it. ``resume``:
@@ -163,7 +224,8 @@ def snapshot(source, dest, previous=None, workers=4, resume=False, trust_before_
     is older than this (ns since the epoch; see the module docstring); None compares every file.
     ``in_place``: ``dest`` is the previous state, updated in place (``previous`` is ignored); then
     ``delta_files``/``delta_bytes`` of the result say how the regular files changed in number and bytes.
-    ``workers``: threads (>= 1). Returns :class:`Stats`. Raises LinkTreeError naming the path.
+    ``workers``: threads (>= 1), or None: as many as measurably help (:func:`_measured_workers`; the
+    number is in the result's ``workers``). Returns :class:`Stats`. Raises LinkTreeError naming the path.
     """
     src, dst = os.fsencode(source), os.fsencode(dest)
     prev = dst if in_place else (os.fsencode(previous) if previous else None)
@@ -179,12 +241,14 @@ def snapshot(source, dest, previous=None, workers=4, resume=False, trust_before_
         if in_place:
             items = [(s, d, d, st) for s, _p, d, st in items]
         depth = 1
-        while items and len(items) < 4 * workers and depth < _FAN_OUT_DEPTH:
+        while items and len(items) < 4 * (workers or ADAPT_LIMIT) and depth < _FAN_OUT_DEPTH:
             deeper = []
             for item in items:
                 deeper.extend(_process(job, stats, item, dir_attrs))
             items, depth = deeper, depth + 1
-        if workers > 1 and len(items) > 1:
+        if workers is None:
+            results, stats.workers = _measured_workers(job, items)
+        elif workers > 1 and len(items) > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(lambda item: _walk(job, item), items))
         else:

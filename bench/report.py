@@ -20,6 +20,9 @@ for _op, _what in (("snapshot_1pct", "1% new files"), ("snapshot_nochange", "no 
         ROWS.append(("%s_%s_floor" % (_op, _cache), _op, _cache,
                      "nightly snapshot, %s, %s cache, vs the floor" % (_what, _cache), "floor", "<= 1.15x",
                      lambda o, b, r: r["ratio"] <= 1.15))
+        ROWS.append(("%s_%s_floor_sync" % (_op, _cache), _op, _cache,
+                     "nightly snapshot, %s, %s cache, vs the durable floor" % (_what, _cache), "floor_sync", "-",
+                     None))
 ROWS += [
     ("retention_delete", "retention_delete", None, "retention delete of one snapshot", "bare", "<= 1.0x",
      lambda o, b, r: r["ratio"] <= 1.0),
@@ -46,7 +49,7 @@ BARE_TOOLS = {
 for _row in ROWS:
     if _row[0].startswith("snapshot_") and _row[0] != "snapshot_full":
         BARE_TOOLS[_row[0]] = "cp -al of the previous snapshot" if _row[0].endswith("_floor") else \
-            "rsync -a --link-dest"
+            "cp -al, then sync -f" if _row[0].endswith("_floor_sync") else "rsync -a --link-dest"
 
 
 def _median(values):

@@ -105,6 +105,9 @@ class ContentstoreScenarios:
                     dest = os.path.join(self.bare_root, "%s-%d-%s-floor" % (op, run, cache))
                     seconds, _proc = self.bare(["cp", "-al", previous, dest], "cp -al")
                     self.add(op, "floor", run, position, seconds, cold, cache=cache)
+                    # The durable floor: ours syncs the file system before the snapshot counts (issue 10).
+                    synced, _proc = self.bare(["sync", "-f", dest], "sync -f")
+                    self.add(op, "floor_sync", run, position, seconds + synced, cold, cache=cache)
                     self.extras.append(dest)
         return previous, bare_cold
 

@@ -102,7 +102,7 @@ def trust_point(compare):
 
 
 @pytest.mark.parametrize("compare", ["every file", "as configured"])
-@pytest.mark.parametrize("workers", [1, 4])
+@pytest.mark.parametrize("workers", [1, 4, None])
 def test_same_tree_and_same_links_as_rsync(tmp_path, workers, compare):
     src, prev = str(tmp_path / "src"), str(tmp_path / "prev")
     build_source(src)
