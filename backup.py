@@ -21,6 +21,7 @@ import email_alert
 import lock
 import metrics
 import monitor
+import offsite_cli
 import runner
 import safe_files
 import status
@@ -76,7 +77,21 @@ def parse_args(argv):
                       help="end-to-end archive check: settings, privileges, a WAL switch reaching the archive")
     mode.add_argument("--retention-dry-run", action="store_true", help="print the retention plan and exit")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
-    return parser.parse_args(argv)
+    offsite = parser.add_mutually_exclusive_group()
+    offsite.add_argument("--offsite", action="store_true",
+                         help="ship everything pending (new WAL, new backups) to OFFSITE_REMOTE (cron, every 5 min)")
+    offsite.add_argument("--offsite-audit", action="store_true",
+                         help="list the off-site copy, compare it with the local record and re-ship what is missing "
+                              "or corrupted")
+    offsite.add_argument("--offsite-retention", action="store_true",
+                         help="delete off-site sets older than OFFSITE_RETENTION_DAYS (reads only the remote; "
+                              "with --dry-run: print the plan)")
+    args = parser.parse_args(argv)
+    if (args.offsite or args.offsite_audit or args.offsite_retention) and (
+            args.status or args.check or args.retention_dry_run or (args.dry_run and not args.offsite_retention)):
+        parser.error("--offsite, --offsite-audit and --offsite-retention go alone (--offsite-retention with "
+                     "--dry-run)")
+    return args
 
 
 def config_error_exit(exc, env_path):
@@ -117,8 +132,12 @@ def main(argv=None):
     if refusal:
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG
+    if args.offsite_retention:  # reads only the remote: may run on another host with other credentials
+        return offsite_cli.retention_main(env_path, args.dry_run)
     try:
         cfg = config.load_config(env_path)
+        if args.offsite or args.offsite_audit:
+            offsite_cli.require_remote(cfg)
         if not (args.dry_run or args.status or args.retention_dry_run):
             ensure_backup_dir(cfg.BACKUP_DIR)
     except config.ConfigError as exc:
@@ -137,6 +156,12 @@ def main(argv=None):
         for key, message in cfg.warnings:
             LOG.warning("%s: %s", key, message)
         return runner.dry_run(cfg, retention_only=args.retention_dry_run)
+    if args.offsite or args.offsite_audit:  # own locks (offsite.py): never waits for, nor blocks, the night
+        try:
+            log_path = setup_logging(cfg.BACKUP_DIR, cfg.secrets())
+        except OSError as exc:
+            return config_error_exit(config.ConfigError([("BACKUP_DIR", "cannot write the log: %s" % exc)]), env_path)
+        return (offsite_cli.ship_main if args.offsite else offsite_cli.audit_main)(cfg, log_path)
     backup_lock = lock.BackupLock(cfg.BACKUP_DIR)
     try:
         backup_lock.acquire()

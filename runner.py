@@ -15,6 +15,7 @@ import base_backup
 import catalog
 import contentstore
 import lock
+import offsite_status
 import postgres
 import retention
 import space
@@ -266,6 +267,7 @@ class Night:
         self.window = window
         stage.detail = ("recovery window: any moment from %s to %s" % (window["from"], window["to"])
                         if window else "no recovery window yet")
+        self.offsite = facts.get("offsite")
         critical = [r for r in reasons if r.startswith("CRITICAL")]
         if critical:
             raise postgres.PostgresError("; ".join(critical))
@@ -314,6 +316,11 @@ class Night:
 
     def extra_sections(self):
         sections = [("Restore drill", self.verify_summary)] if self.verify_summary else []
+        if getattr(self, "offsite", None):  # informational: the off-site copy never fails the night
+            now = datetime.datetime.now(datetime.timezone.utc)
+            sections.append(("Off-site copy", "\n".join(offsite_status.describe(self.offsite, now) + [
+                "  %s: %s" % ({1: "WARNING", 2: "CRITICAL"}[lvl], why) for lvl, why in
+                offsite_status.assess(self.offsite, now)])))
         if self.window:
             return sections + [("Recovery window", "You can restore the database to any moment from %s to %s."
                                 % (self.window["from"], self.window["to"]))]
@@ -326,6 +333,8 @@ class Night:
             lines.append("%-14s %-8s %9.1fs %12s  %s" % (s.name, s.status, s.duration,
                                                           catalog.human_size(s.size), s.error or s.detail))
         lines.append("total %.1f s; backups in %s" % (total_seconds, self.cfg.BACKUP_DIR))
+        if getattr(self, "offsite", None):
+            lines += offsite_status.describe(self.offsite, datetime.datetime.now(datetime.timezone.utc))
         return "\n".join(lines)
 
 

@@ -112,6 +112,10 @@ def cron_step(ctx, schedule, python, log_dir):
     except setup_formats.TextError as exc:
         raise SetupError("no cron entry: %s" % exc)
     new, note = setup_formats.merge_crontab(current, marker, entry)
+    if ctx.values.get("OFFSITE_REMOTE"):  # the off-site copy ships every 5 minutes (README, Off-site copy)
+        offsite = setup_formats.offsite_cron_entry(ctx.project_dir, python, os.path.abspath(ctx.env_path), log_dir)
+        new, _note = setup_formats.merge_crontab(new, *offsite)
+        entry += "\n" + offsite[1]
     if new == current:
         ctx.record("cron", UNCHANGED, note or "the crontab of %s already has the entry" % user.name)
         return

@@ -173,6 +173,14 @@ def cron_entry(schedule, project_dir, python, env_path, log_dir):
     return "# %s --env %s" % (MARKER, env_path), line
 
 
+def offsite_cron_entry(project_dir, python, env_path, log_dir):
+    """(marker line, command line) for ``backup.py --offsite`` every 5 minutes (new WAL and backups go
+    off-site; it exits at once when there is nothing to send). Its own dated log, ``%`` escaped."""
+    command = "cd %s && %s backup.py --env %s --offsite >> %s/offsite-$(date +\\%%Y-\\%%m-\\%%d).log 2>&1" % (
+        _sh(project_dir), _sh(python), _sh(env_path), _sh(log_dir))
+    return "# %s --offsite --env %s" % (MARKER, env_path), "*/5 * * * * %s" % command
+
+
 def merge_crontab(text, marker, entry):
     """(new text, note) with ``entry`` on the line after ``marker`` (replacing the one there), or both
     appended. A line without our marker that already runs backup.py with this .env is left alone and no
@@ -187,7 +195,8 @@ def merge_crontab(text, marker, entry):
         return "\n".join(lines) + "\n", None
     env_arg = marker.split(" --env ", 1)[1]
     for line in lines:
-        if not line.lstrip().startswith("#") and "backup.py" in line and env_arg in line:
+        if not line.lstrip().startswith("#") and "backup.py" in line and env_arg in line and (
+                ("--offsite" in line) == ("--offsite" in entry)):
             return text, "an entry for this .env already exists (not made by setup.py), left as it is: %s" % line
     if lines and lines[-1].strip():
         lines.append("")

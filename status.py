@@ -10,6 +10,7 @@ import os
 import time
 
 import catalog
+import offsite_status
 import pg_versions
 import postgres
 import wal
@@ -58,6 +59,7 @@ def collect(cfg):
         facts["backlog"] = wal.ready_backlog(cfg.pgdata)
     except OSError:
         facts["backlog"] = None  # the data directory may belong to another OS user
+    facts["offsite"] = offsite_status.facts(cfg)
     return facts
 
 
@@ -144,6 +146,8 @@ def assess(facts, now, backup_max_age_hours, wal_max_age_hours, include_backups=
     chain = facts.get("chain")
     if chain and not chain["ok"]:
         worse(STATE_CRITICAL, "WAL chain has gaps: %s" % ", ".join("%s..%s" % tuple(g) for g in chain["gaps"]))
+    for level, reason in offsite_status.assess(facts.get("offsite"), now) if include_backups else ():
+        worse(level, reason)
     window = None
     pg = facts["backups"]["postgres"]
     if pg["oldest_ended_at"] and chain and chain["ok"]:
@@ -184,6 +188,8 @@ def report(cfg, as_json=False, publish=None):
     print("  WAL archive %s: %d segments, newest at %s; backlog %s" % (
         facts["archive_dir"], facts["archive_segments"], facts["newest_segment_at"],
         facts["backlog"] if facts["backlog"] is not None else "unknown"))
+    if facts.get("offsite"):
+        print("\n".join("  " + line for line in offsite_status.describe(facts["offsite"], now)))
     for reason in reasons:
         print("  " + reason)
     return state

@@ -38,6 +38,10 @@ ROWS += [
      lambda o, b, r: o <= 1.0),
     ("snapshot_full", "snapshot_full", None, "first contentstore copy", "bare", "< 1.0x",
      lambda o, b, r: r["ratio"] < 1.0),
+    ("offsite_full", "offsite_full", None, "off-site upload of everything (loopback S3)", "bare", "<= 1.1x",
+     lambda o, b, r: r["ratio"] <= 1.1),
+    ("offsite_1pct", "offsite_1pct", None, "off-site upload, 1% new night", "bare", "<= 0.5x",
+     lambda o, b, r: r["ratio"] <= 0.5),
 ]
 BARE_TOOLS = {
     "db_backup": "pg_basebackup with our flags", "db_backup_vs_gzip": "pg_basebackup, our flags but -z",
@@ -45,6 +49,8 @@ BARE_TOOLS = {
     "restore_postgres": "tar -x + postgres until pg_isready",
     "snapshot_full": "one rsync -a", "btrfs_1pct": "rsync -a --link-dest (on the btrfs)",
     "btrfs_delete": "rm -rf (on the btrfs)",
+    "offsite_full": "rclone copy of the same directories",
+    "offsite_1pct": "rclone copy of the whole snapshot tree",
 }
 for _row in ROWS:
     if _row[0].startswith("snapshot_") and _row[0] != "snapshot_full":

@@ -32,12 +32,13 @@ for _path in (os.path.join(PROJECT_DIR, "tests"), PROJECT_DIR, BENCH_DIR):
 
 import dataset  # noqa: E402
 import measure  # noqa: E402
+import offsite_bench  # noqa: E402
 import report  # noqa: E402
 import sandbox as sandbox_module  # noqa: E402
 
 FULL = {"files": 60000, "db_scale": 60, "runs": 3}
 QUICK = {"files": 3000, "db_scale": 5, "runs": 3}
-SECTIONS = ("full", "db", "snapshot", "btrfs", "overhead", "restore")
+SECTIONS = ("full", "db", "snapshot", "btrfs", "overhead", "restore", "offsite")
 
 
 def parse_args(argv):
@@ -167,6 +168,8 @@ def run_sections(args, bench, plan, result):
                                     args.seed)),
         ("overhead", "backup.py, whole nights", lambda: bench.nightly_runs(args.runs)),
         ("restore", "restore drill", lambda: bench.restore_drill(args.runs)),
+        ("offsite", "off-site upload to a loopback S3 server", lambda: offsite_bench.OffsiteBench(bench).run(
+            args.runs, new_files, first_new_day + datetime.timedelta(days=2 * args.runs + 1), args.seed)),
     ]
     if "full" not in args.only and {"snapshot", "overhead"} & set(args.only):
         steps[0] = ("full", "a first snapshot for the nights to link to (untimed)", base_only)

@@ -27,6 +27,7 @@ import restore_plan
 import restore_settings
 import sandbox as sandbox_module
 import wal
+from s3server import S3Server
 from sandbox import free_port
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +212,7 @@ def test_restore_md_covers_every_scenario_for_both_version_families():
     headings = re.findall(r"^##+ (.+)$", text, re.M)
     for needed in ("Database only", "Point in time", "Contentstore only", "A single document",
                    "Full restore in place", "Onto a new host", "After a restore: Solr and the index",
-                   "Test your backups: the restore drill"):
+                   "Test your backups: the restore drill", "I lost the server"):
         assert needed in headings, needed
     assert headings.count("By hand, PostgreSQL 12 and later") == 3
     assert headings.count("By hand, PostgreSQL 9.4 to 11") == 2
@@ -275,6 +276,8 @@ def history(sb, env):
     assert wal.wait_for_file(sb.wal_archive_dir, segment, 60)
     facts["count_latest"] = sb.psql("SELECT count(*) FROM alf_node")
     assert facts["count_latest"] != facts["count_at_target"]
+    shipped = sb.run_cli("backup.py", ["--offsite"], env_path=env)  # for "I lost the server"
+    assert shipped.returncode == 0, shipped.stdout[-3000:]
     return facts
 
 
@@ -311,10 +314,13 @@ def make_new_host(sb, root):
 def docs_sandbox(service_user):
     """One sandbox with its history for both documents (the quick reference runs first)."""
     sb = sandbox_module.Sandbox.create()
+    s3 = S3Server(owner=service_user).start()
     try:
-        env = sb.write_env()
+        env = sb.write_env(**s3.env())
+        sb.offsite_env = s3.env()
         yield sb, env, history(sb, env)
     finally:
+        s3.__exit__()
         sb.destroy()
 
 
@@ -331,7 +337,7 @@ def run_document(prepared, doc, expectations):
     for block in blocks:
         if kind(block) in ("run", "vars") and block is not global_vars:
             units.setdefault((block.section, block.subsection), []).append(block)
-    ran, new_host = 0, None
+    ran, new_host, lost = 0, None, False
     for number, ((section, subsection), unit) in enumerate(units.items()):
         if not any(kind(b) == "run" for b in unit):
             continue
@@ -341,6 +347,15 @@ def run_document(prepared, doc, expectations):
         unit_values["BASE"] = newest(sb, "postgres", facts["target"] if target_unit else None)
         unit_values["SNAPSHOT"] = newest(sb, "contentstore")
         unit_values["CONFIG"] = newest(sb, "config")
+        if section == "I lost the server":  # BACKUP_DIR is gone: only the off-site copy and a new .env remain
+            sb.run_as_service_user([os.path.join(sb.alf_base_dir, "alfresco.sh"), "stop"], timeout=120)
+            os.rename(sb.backup_dir, sb.backup_dir + ".lost")
+            lost = True
+            new_host = make_new_host(sb, os.path.join(sb.root, "lostserver"))
+            unit_values.update(ALF_BASE_DIR=new_host, PGBIN=os.path.join(new_host, "postgresql", "bin"),
+                               ENV_FILE=sb.write_env(path=os.path.join(sb.root, "lostserver.env"),
+                                                     ALF_BASE_DIR=new_host, BACKUP_DIR=os.path.join(
+                                                         sb.root, "newbackups"), **sb.offsite_env))
         if section == "Onto a new host":
             sb.run_as_service_user([os.path.join(sb.alf_base_dir, "alfresco.sh"), "stop"], timeout=120)
             new_host = make_new_host(sb, os.path.join(sb.root, "newhost"))
@@ -376,6 +391,9 @@ def run_document(prepared, doc, expectations):
                                             "-w", "stop"], timeout=120)
             if new_host:
                 sb.run_as_service_user([os.path.join(new_host, "alfresco.sh"), "stop"], timeout=120)
+            if lost:
+                os.rename(sb.backup_dir + ".lost", sb.backup_dir)
+                lost = False
     return ran, facts
 
 
@@ -394,6 +412,8 @@ def restore_md_expectations(facts, values, sb):
         ("Full restore in place", "By hand, PostgreSQL 12 and later"): (["OK: PostgreSQL is down"],
                                                                         ["STOP:", "MISSING"]),
         "Onto a new host": (["Backup summary (OK)", "dir.root=%s/alf_data" % values["ALF_BASE_DIR"]], []),
+        "I lost the server": (["Recovery window: any moment from", "Restore drill OK", "Alfresco started",
+                               "dir.root=%s/alf_data" % values["ALF_BASE_DIR"]], ["Restore drill FAILED"]),
     }
 
 
