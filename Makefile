@@ -6,7 +6,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux
+SYSTEM_PACKAGES := rsync postgresql cron python3-venv zstd lz4 openssl util-linux btrfs-progs
 PYTEST_ARGS ?=
 # PostgreSQL majors tests/test_matrix.py runs in `make test` (CI): 9.4 (the Alfresco 5.2 bundle's, with its own
 # tools, from ../shared), 10 (recovery.conf with pg_wal names; RESTORE.md's 10/11 block runs on it), 15 (Debian

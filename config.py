@@ -37,9 +37,16 @@ OPTIONS = [
      "Base backup compression: zstd, lz4, gzip or none, with an optional level (zstd:3) and client-/server- "
      "prefix; without a prefix the server compresses when both ends are 15+; falls back to client-side, "
      "then gzip, where the tools lack it", False),
-    ("CONTENTSTORE_METHOD", "choice:auto|rsync", "auto", False,
-     "auto: rsync for the first copy, the faster in-process hardlink engine nightly; rsync: always rsync", False),
-    ("CONTENTSTORE_PARALLEL", "int", "4", False, "Threads for the nightly contentstore snapshot", False),
+    ("CONTENTSTORE_METHOD", "choice:auto|rsync|linktree|btrfs", "auto", False,
+     "auto: btrfs subvolume snapshots when BACKUP_DIR is on btrfs, else rsync for the first copy and the "
+     "in-process hardlink engine (linktree) nightly; rsync, linktree, btrfs: that engine (linktree and btrfs "
+     "still make the first copy with rsync)", False),
+    ("CONTENTSTORE_PARALLEL", "int", "0", False,
+     "Threads of the nightly contentstore snapshot and rsyncs of the first copy; 0: automatic (threads: as "
+     "many as measurably help, from one per CPU core; rsyncs: two per core, at most 8)", False),
+    ("CONTENTSTORE_FULL_COMPARE_DAYS", "int", "7", False,
+     "Nightly, only directories changed since the previous snapshot are compared file by file; every this "
+     "many days all files are (0: every night)", False),
     ("RETENTION_DAYS", "int", "7", False, "Delete backups older than this many days (by the time in their name)",
      False),
     ("RETENTION_MIN_COUNT", "int", "1", False, "Always keep at least this many complete backups of each kind",

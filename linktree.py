@@ -1,23 +1,45 @@
 """A hardlinked snapshot of a tree, built in-process: the nightly fast path of the contentstore snapshot.
 
-For every entry of the source tree: a regular file whose size and mtime equal those of the same path in the
-previous snapshot is hard-linked from it (same inode, no data copied); any other file is copied (data,
-mode, mtime; owner too when running as root); symlinks are recreated; directories are created and get the
-source's mode and mtime. This is rsync's quick check (size + mtime) and ``--link-dest`` behaviour, without
-rsync's per-file protocol round-trips. Paths are handled as bytes, so any file name works (spaces,
-newlines, leading dashes, non-UTF-8).
+For every entry of the source tree: a regular file whose size, mtime, mode (and, as root, owner) equal
+those of the same path in the previous snapshot is hard-linked from it (same inode, no data copied); any
+other file is copied (data, mode, mtime; owner too when running as root); symlinks are recreated;
+directories are created and get the source's mode and mtime. This is rsync's quick check and
+``--link-dest`` behaviour, without rsync's per-file protocol round-trips. Paths are handled as bytes, so
+any file name works (spaces, newlines, leading dashes, non-UTF-8).
 
-Top-level subtrees (the contentstore's year buckets, or their months when there is only one year) are
-processed by ``workers`` threads: link(2), stat(2) and copy syscalls release the GIL, and several requests
-in flight help a cold disk.
+**Unchanged directories** (``trust_before_ns``): adding, removing or renaming an entry changes a
+directory's mtime and ctime; chmod/chown change its ctime. A source directory whose mtime, mode (and owner)
+equal the previous snapshot's copy of it *and* whose ctime is older than ``trust_before_ns`` (the previous
+snapshot's start minus a margin, chosen by the caller) holds the same names as that copy, so its files and
+symlinks are hard-linked from the previous snapshot by name, without a stat of the source file: the
+per-file cost falls to one link(2) -- what ``cp -al`` pays. This trusts that a file is never rewritten in
+place keeping its name (Alfresco never rewrites a ``.bin``); the caller compares every file now and then
+(``trust_before_ns=None``) to catch what that rule cannot see.
+
+**In place** (``in_place=True``): ``dest`` is the previous state itself (the btrfs working subvolume) and
+is brought up to date: unchanged files stay, changed ones are replaced, vanished ones removed. Unchanged
+directories are then not even listed when the source's file system counts subdirectories in the link
+count (a leaf directory has ``st_nlink == 2``): the cost is one stat per directory plus the changes.
+
+Subtrees (years, then months, ...) are shared out to ``workers`` threads: link(2), stat(2) and copy
+syscalls release the GIL, and several requests in flight help a cold disk. This module decides, per
+directory, what is done; :mod:`linktree_ops` does it to the entries.
 """
 
-import errno
+import collections
 import os
-import shutil
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+import filesystems
+import linktree_ops
+
+_FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
+ADAPT_WINDOW_S = 0.25
+ADAPT_GAIN = 1.1
+ADAPT_LIMIT = max(2, min(16, 4 * (os.cpu_count() or 1)))
 
 
 class LinkTreeError(Exception):
@@ -25,151 +47,163 @@ class LinkTreeError(Exception):
 
 
 class Stats:
-    """Counters, safe to update from several threads."""
+    """Counters of one worker (merged at the end, so no lock on the per-file path)."""
 
     FIELDS = ("files", "dirs", "symlinks", "linked", "copied", "bytes_total", "bytes_copied", "bytes_linked",
-              "vanished", "skipped_special")
+              "vanished", "skipped_special", "dirs_trusted", "dirs_compared", "delta_files", "delta_bytes")
 
     def __init__(self, resume=False):
         self.resume = resume
-        self._lock = threading.Lock()
+        self.workers = None  # threads used, when the engine chose
         for name in self.FIELDS:
             setattr(self, name, 0)
         self.warnings = []
 
     def add(self, **counts):
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def merge(self, other):
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for text in other.warnings:
+            self.warn(text)
 
     def warn(self, text):
-        with self._lock:
-            if len(self.warnings) < 20:
-                self.warnings.append(text)
+        if len(self.warnings) < 20:
+            self.warnings.append(text)
 
     def as_dict(self):
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
-def _copy_file(src, dst, st, as_root):
-    # copyfile uses copy_file_range/sendfile on Linux; the result is written under its final name inside a
-    # .partial tree, so a crash leaves at worst a short file whose mtime differs and is copied again.
-    shutil.copyfile(src, dst, follow_symlinks=False)
-    if as_root:
-        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+class _Job:
+    """What every worker needs to know about the run."""
+
+    def __init__(self, resume, in_place, trust_before_ns, leaf_nlink):
+        self.as_root = os.geteuid() == 0
+        self.resume = resume
+        self.in_place = in_place
+        self.trust_before_ns = trust_before_ns
+        self.leaf_nlink = leaf_nlink
 
 
-def _same(st, other, as_root):
-    return (stat.S_ISREG(other.st_mode) and other.st_size == st.st_size and other.st_mtime_ns == st.st_mtime_ns
-            and stat.S_IMODE(other.st_mode) == stat.S_IMODE(st.st_mode)
-            and (not as_root or (other.st_uid, other.st_gid) == (st.st_uid, st.st_gid)))
+def _trusted(job, st, pst):
+    """True when source directory ``st`` is unchanged since the previous snapshot's copy ``pst``."""
+    return (job.trust_before_ns is not None and pst is not None and stat.S_ISDIR(pst.st_mode)
+            and st.st_mtime_ns == pst.st_mtime_ns and st.st_ctime_ns < job.trust_before_ns
+            and stat.S_IMODE(st.st_mode) == stat.S_IMODE(pst.st_mode)
+            and (not job.as_root or (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid)))
 
 
-def _link_or_copy(src, prev, dst, st, stats, as_root):
-    if stats.resume:
-        try:
-            if _same(st, os.lstat(dst), as_root):  # already copied by the interrupted run
-                stats.add(files=1, copied=1, bytes_total=st.st_size)
-                return
-        except FileNotFoundError:
-            pass
-    if prev is not None:
-        try:
-            pst = os.lstat(prev)
-        except FileNotFoundError:
-            pst = None
-        if pst is not None and _same(st, pst, as_root):
-            try:
-                os.link(prev, dst)
-                stats.add(files=1, linked=1, bytes_total=st.st_size, bytes_linked=st.st_size)
-                return
-            except FileExistsError:
-                os.unlink(dst)
-                os.link(prev, dst)
-                stats.add(files=1, linked=1, bytes_total=st.st_size, bytes_linked=st.st_size)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EMLINK:  # too many links to one inode: copy instead
-                    raise
-    if os.path.lexists(dst):
-        os.unlink(dst)
+def _unchanged_in_place(job, stats, s, d, st):
+    """An unchanged directory, in place: nothing to do but find its subdirectories."""
+    stats.add(dirs_trusted=1)
+    if job.leaf_nlink and st.st_nlink == 2:
+        return []
+    children = []
     try:
-        _copy_file(src, dst, st, as_root)
-    except FileNotFoundError:
-        if not os.path.lexists(src):
-            stats.add(vanished=1)
-            stats.warn("vanished during the copy: %r" % src)
-            return
-        raise
-    stats.add(files=1, copied=1, bytes_total=st.st_size, bytes_copied=st.st_size)
-
-
-def _sync_dir(src, prev, dst, stats, as_root, dir_attrs):
-    """Fill ``dst`` from ``src`` (linking from ``prev``); returns the subdirectories to descend into."""
-    try:
-        entries = list(os.scandir(src))
+        with os.scandir(s) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    child = os.path.join(d, entry.name)
+                    children.append((entry.path, child, child, entry.stat(follow_symlinks=False)))
     except FileNotFoundError:
         stats.add(vanished=1)
-        return []
-    wanted = set()
-    subdirs = []
-    for entry in entries:
-        name = entry.name
-        wanted.add(name)
-        s_path, d_path = entry.path, os.path.join(dst, name)
-        p_path = os.path.join(prev, name) if prev is not None else None
+    stats.add(dirs=len(children))
+    return children
+
+
+def _process(job, stats, item, dir_attrs):
+    """One directory ``(s, p, d, lstat of s)``: fill ``d`` (created by the parent, except in place, where
+    ``p`` is ``d``); returns its subdirectories as items. Records the directories whose attributes must be
+    set once their contents are complete in ``dir_attrs``."""
+    s, p, d, st = item
+    if job.trust_before_ns is not None and p is not None:
         try:
-            st = entry.stat(follow_symlinks=False)
+            pst = os.lstat(p)
         except FileNotFoundError:
-            stats.add(vanished=1)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            if os.path.lexists(d_path) and not os.path.isdir(d_path):
-                os.unlink(d_path)
-            if not os.path.isdir(d_path):
-                os.mkdir(d_path, 0o700)
-            stats.add(dirs=1)
-            dir_attrs.append((d_path, st))
-            subdirs.append((s_path, p_path, d_path))
-        elif stat.S_ISREG(st.st_mode):
-            _link_or_copy(s_path, p_path, d_path, st, stats, as_root)
-        elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(s_path)
-            if os.path.lexists(d_path):
-                if os.path.islink(d_path) and os.readlink(d_path) == target:
-                    stats.add(symlinks=1)
-                    continue
-                _remove(d_path)
-            os.symlink(target, d_path)
-            if as_root:
-                os.chown(d_path, st.st_uid, st.st_gid, follow_symlinks=False)
-            stats.add(symlinks=1)
-        else:
-            stats.add(skipped_special=1)
-            stats.warn("not a file, directory or symlink, skipped: %r" % s_path)
-    if stats.resume:  # a resumed partial may hold entries the source no longer has
-        for name in os.listdir(dst):
-            if name not in wanted:
-                _remove(os.path.join(dst, name))
-    return subdirs
+            pst = None
+        if _trusted(job, st, pst):
+            if job.in_place:
+                return _unchanged_in_place(job, stats, s, d, st)
+            children = linktree_ops.linked_dir(job, stats, s, p, d)
+            if children is not None:
+                dir_attrs.append((d, st))
+                return children
+    if job.in_place:
+        linktree_ops.ensure_dir(job, stats, d)
+        p = None  # compared against d itself
+    elif p is not None and not os.path.isdir(p):
+        p = None
+    children = linktree_ops.compare_dir(job, stats, s, p, d, cleanup=job.resume or job.in_place)
+    dir_attrs.append((d, st))
+    if job.in_place:
+        return [(cs, cd, cd, cst) for cs, _p, cd, cst in children]
+    return children
 
 
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def _walk(src, prev, dst, stats, as_root, dir_attrs):
-    stack = [(src, prev, dst)]
+def _walk(job, item):
+    """Depth-first over one subtree; returns (Stats, dir_attrs)."""
+    stats, dir_attrs = Stats(job.resume), []
+    stack = [item]
     while stack:
-        s, p, d = stack.pop()
-        if p is not None and not os.path.isdir(p):
-            p = None
-        stack.extend(_sync_dir(s, p, d, stats, as_root, dir_attrs))
+        stack.extend(_process(job, stats, stack.pop(), dir_attrs))
+    return stats, dir_attrs
+
+
+def _measured_workers(job, items):
+    """Walk ``items`` with as many threads as measurably help: one per CPU core to begin with, then one more
+    after each ADAPT_WINDOW_S window in which the directories done per second rose by ADAPT_GAIN over the
+    best so far, up to ADAPT_LIMIT. Measured on 2 cores: a cold cache wants 3-4 threads (requests in
+    flight), a warm one 2 (the work is system calls on shared kernel locks); a fixed count loses one or
+    the other. Returns ([(Stats, dir_attrs)], threads used); raises what a worker raised."""
+    pending = collections.deque(items)  # popleft is atomic: the workers share it without a lock
+    results, errors, counters, threads = [], [], [], []
+    finished, lock = threading.Event(), threading.Lock()
+
+    def work(counter):
+        stats, dir_attrs = Stats(job.resume), []
+        try:
+            while not errors:
+                try:
+                    stack = [pending.popleft()]
+                except IndexError:
+                    break
+                while stack:
+                    stack.extend(_process(job, stats, stack.pop(), dir_attrs))
+                    counter[0] += 1
+        except BaseException as exc:  # raised again by the caller's thread
+            errors.append(exc)
+        with lock:
+            results.append((stats, dir_attrs))
+            if len(results) == len(threads):
+                finished.set()
+
+    def add():
+        counter = [0]
+        counters.append(counter)
+        with lock:
+            threads.append(threading.Thread(target=work, args=(counter,), name="linktree", daemon=True))
+        threads[-1].start()
+
+    for _ in range(min(len(items), max(1, os.cpu_count() or 1))):
+        add()
+    best, growing, done_before, since = None, True, 0, time.monotonic()
+    while threads and not finished.wait(ADAPT_WINDOW_S):
+        now, done = time.monotonic(), sum(c[0] for c in counters)
+        rate, done_before, since = (done - done_before) / max(now - since, 1e-6), done, now
+        if growing and pending and len(threads) < ADAPT_LIMIT:
+            if best is None or rate > best * ADAPT_GAIN:
+                best = rate
+                add()
+            else:
+                growing = False
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, len(threads)
 
 
 def _apply_dir_attrs(dir_attrs, as_root):
@@ -181,49 +215,50 @@ def _apply_dir_attrs(dir_attrs, as_root):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _fan_out(src, prev, dst, stats, as_root, dir_attrs):
-    """Top-level work items: the subdirectories two levels down when the top has few (one year)."""
-    items = _sync_dir(src, prev, dst, stats, as_root, dir_attrs)
-    if len(items) < 4:
-        deeper = []
-        for s, p, d in items:
-            deeper.extend(_sync_dir(s, p if p is not None and os.path.isdir(p) else None, d, stats, as_root,
-                                    dir_attrs))
-        items = deeper
-    return items
+def snapshot(source, dest, previous=None, workers=None, resume=False, trust_before_ns=None, in_place=False):
+    """Make ``dest`` (an existing directory) a copy of ``source``.
 
-
-def snapshot(source, dest, previous=None, workers=4, resume=False):
-    """Make ``dest`` (an existing directory) a copy of ``source`` in which files unchanged since
-    ``previous`` are hard links into it. ``resume``: ``dest`` holds a partial copy from an interrupted run;
-    files already there and identical are kept. Returns :class:`Stats`. Raises LinkTreeError."""
+    ``previous``: the previous snapshot; files unchanged since it become hard links into it. ``resume``:
+    ``dest`` holds a partial copy from an interrupted run; identical files there are kept.
+    ``trust_before_ns``: skip the per-file compare in directories unchanged since ``previous`` whose ctime
+    is older than this (ns since the epoch; see the module docstring); None compares every file.
+    ``in_place``: ``dest`` is the previous state, updated in place (``previous`` is ignored); then
+    ``delta_files``/``delta_bytes`` of the result say how the regular files changed in number and bytes.
+    ``workers``: threads (>= 1), or None: as many as measurably help (:func:`_measured_workers`; the
+    number is in the result's ``workers``). Returns :class:`Stats`. Raises LinkTreeError naming the path.
+    """
     src, dst = os.fsencode(source), os.fsencode(dest)
-    prev = os.fsencode(previous) if previous else None
-    as_root = os.geteuid() == 0
-    stats = Stats(resume)
+    prev = dst if in_place else (os.fsencode(previous) if previous else None)
+    job = _Job(resume and not in_place, in_place, trust_before_ns,
+               in_place and filesystems.nlink_counts_subdirs(source))
+    stats = Stats(job.resume)
     dir_attrs = []
     try:
         root_st = os.stat(src)
-        items = _fan_out(src, prev, dst, stats, as_root, dir_attrs)
-        per_worker = [[] for _ in range(max(1, workers))]
-        for index, item in enumerate(items):
-            per_worker[index % len(per_worker)].append(item)
-        worker_attrs = [[] for _ in per_worker]
-        with ThreadPoolExecutor(max_workers=len(per_worker)) as pool:
-            futures = [pool.submit(_walk_many, chunk, stats, as_root, attrs)
-                       for chunk, attrs in zip(per_worker, worker_attrs)]
-            for future in futures:
-                future.result()
-        for attrs in worker_attrs:
+        # The root is always compared: the snapshot root's own mode is changed to 0700 afterwards.
+        items = linktree_ops.compare_dir(job, stats, src, prev if prev and os.path.isdir(prev) else None, dst,
+                          cleanup=job.resume or in_place)
+        if in_place:
+            items = [(s, d, d, st) for s, _p, d, st in items]
+        depth = 1
+        while items and len(items) < 4 * (workers or ADAPT_LIMIT) and depth < _FAN_OUT_DEPTH:
+            deeper = []
+            for item in items:
+                deeper.extend(_process(job, stats, item, dir_attrs))
+            items, depth = deeper, depth + 1
+        if workers is None:
+            results, stats.workers = _measured_workers(job, items)
+        elif workers > 1 and len(items) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(lambda item: _walk(job, item), items))
+        else:
+            results = [_walk(job, item) for item in items]
+        for part, attrs in results:
+            stats.merge(part)
             dir_attrs.extend(attrs)
-        _apply_dir_attrs(dir_attrs, as_root)
+        _apply_dir_attrs(dir_attrs, job.as_root)
         os.utime(dst, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
     except OSError as exc:
         name = os.fsdecode(exc.filename) if exc.filename else source
         raise LinkTreeError("%s: %s" % (name, exc.strerror or exc))
     return stats
-
-
-def _walk_many(chunk, stats, as_root, dir_attrs):
-    for s, p, d in chunk:
-        _walk(s, p, d, stats, as_root, dir_attrs)

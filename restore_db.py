@@ -15,6 +15,7 @@ import time
 import catalog
 import pg_versions
 import postgres
+import restore_manifest
 import restore_plan
 import restore_settings
 import safe_files
@@ -203,17 +204,34 @@ def prepare_dir(path):
     os.chmod(path, 0o700)
 
 
-def extract(base, dest, log):
+def load_manifest(base):
+    """The base backup's restore_manifest.Manifest (13+ with a backup_manifest), else None. Raises
+    RestoreError for a damaged manifest."""
+    path = os.path.join(base.path, "backup_manifest")
+    if not os.path.isfile(path) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
+        return None
+    try:
+        return restore_manifest.load(path)
+    except (restore_manifest.ManifestError, OSError) as exc:
+        raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
+
+
+def extract(base, dest, log, manifest=None):
     """Extract ``base`` (base.tar and its WAL) into the empty ``dest``. Returns a list of warnings.
 
-    Removes postmaster.pid/.opts, comments out settings that point at the original's files, and creates
-    an empty postgresql.conf when the backup has none. Raises RestoreError."""
+    ``manifest`` (restore_manifest.Manifest with a SHA algorithm): every file's size and digest are checked
+    against it as it is written. Removes postmaster.pid/.opts, comments out settings that point at the
+    original's files, and creates an empty postgresql.conf when the backup has none. Raises RestoreError."""
     version = base.info.get("server_version_num") or 0
     base_tar, wal_tar = base_files(base)
     warnings = []
+    digest = manifest.algorithm if manifest is not None else None
     try:
-        log.info("extracting %s into %s", base_tar, dest)
-        tar_io.extract(base_tar, dest)
+        log.info("extracting %s into %s%s", base_tar, dest, " (checking %s digests against backup_manifest)"
+                 % digest if digest else "")
+        digests = tar_io.extract(base_tar, dest, digest=digest)
+        if digest:
+            restore_manifest.check(manifest, digests)
         wal_dir = os.path.join(dest, restore_settings.wal_dir_name(version))
         if os.path.islink(wal_dir):  # tar_io refuses such a member; a second guard costs nothing
             raise RestoreError("%s is a symbolic link in the restored copy: refusing to extract WAL through it"
@@ -223,7 +241,7 @@ def extract(base, dest, log):
         if wal_tar:
             log.info("extracting %s into %s", wal_tar, wal_dir)
             tar_io.extract(wal_tar, wal_dir)
-    except tar_io.TarError as exc:
+    except (tar_io.TarError, restore_manifest.ManifestError) as exc:
         raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
     os.chmod(dest, 0o700)
     if not os.path.isfile(os.path.join(dest, "backup_label")):
@@ -247,26 +265,30 @@ def extract(base, dest, log):
     return warnings
 
 
-def verify_manifest(cfg, base, dest, log):
-    """Run pg_verifybackup (13+) on the freshly extracted ``dest`` when the backup has a manifest.
-
-    Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
+def verify_manifest(cfg, base, dest, log, digests_checked=False):
+    """Run pg_verifybackup (13+) on the freshly extracted ``dest`` when the backup has a manifest;
+    ``digests_checked``: the extraction checked every file's digest, so ``--skip-checksums`` (no second
+    read of the data). Returns a note, or None when it does not apply. Raises RestoreError when the files
+    differ."""
     manifest = os.path.join(base.path, "backup_manifest")
     if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
         return None
     try:
         tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
-        log.warning("%s; the manifest is not checked", exc)
+        log.warning("%s; the manifest is not checked%s", exc, " by pg_verifybackup (every file's size and digest "
+                    "was checked against it during the extraction)" if digests_checked else "")
         return None
     try:
         # --no-parse-wal: pg_verifybackup would run pg_waldump through /bin/sh with our paths in it; the WAL
         # is proven by recovery itself and by the archive's chain check.
-        subprocess_utils.run([tool, "--quiet", "--no-parse-wal", "-m", manifest, dest],
-                             subprocess_utils.base_env(), timeout=3600, what="pg_verifybackup", log=log)
+        subprocess_utils.run([tool, "--quiet", "--no-parse-wal"] + (["--skip-checksums"] if digests_checked else [])
+                             + ["-m", manifest, dest], subprocess_utils.base_env(), timeout=3600,
+                             what="pg_verifybackup", log=log)
     except subprocess_utils.CommandError as exc:
         raise RestoreError("the restored files do not match the backup's manifest: %s" % exc)
-    return "pg_verifybackup: the restored files match backup_manifest"
+    return "pg_verifybackup: the restored files match backup_manifest%s" % (
+        " (their SHA-256 digests checked while they were extracted)" if digests_checked else "")
 
 
 def _write(path, text, append):
@@ -325,7 +347,9 @@ def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     check_free_space(dest, space_needed(base), "the restored data directory")
     prepare_dir(dest)
     started = time.monotonic()
-    warnings = extract(base, dest, log)
-    notes = [n for n in [verify_manifest(cfg, base, dest, log)] if n]
+    manifest = load_manifest(base)
+    warnings = extract(base, dest, log, manifest)
+    checked = manifest is not None and manifest.algorithm is not None
+    notes = [n for n in [verify_manifest(cfg, base, dest, log, digests_checked=checked)] if n]
     write_recovery(dest, files, log)
     return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}

@@ -211,7 +211,8 @@ class Night:
         self.current_names.add(name)
         info = contentstore.take_snapshot(self.cfg.contentstore_dir, self.cfg.BACKUP_DIR, name, self.log,
                                           timeout=self.cfg.RSYNC_TIMEOUT, method=self.cfg.CONTENTSTORE_METHOD,
-                                          workers=max(1, self.cfg.CONTENTSTORE_PARALLEL))
+                                          workers=contentstore.worker_count(self.cfg.CONTENTSTORE_PARALLEL),
+                                          full_compare_days=self.cfg.CONTENTSTORE_FULL_COMPARE_DAYS)
         self.snapshot_info = info
         stage.size = info.get("bytes_copied")
         stage.detail = "%s: %s files, %s bytes copied, %s bytes hardlinked" % (

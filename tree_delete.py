@@ -3,7 +3,7 @@
 A hardlinked contentstore snapshot holds millions of entries; one ``rm -rf`` works through them one
 syscall at a time. :func:`remove_tree` runs several ``rm -rf`` processes on its subtrees at once, then
 finishes (read-only directories, odd permissions) in Python. Never follows symlinks, never crosses into
-another file system.
+another file system. A btrfs snapshot (a subvolume) is deleted as one: ``btrfs subvolume delete``.
 """
 
 import logging
@@ -12,6 +12,7 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import btrfs_snapshot
 import subprocess_utils
 
 DELETE_WORKERS = 4
@@ -30,6 +31,14 @@ def remove_tree(path, workers=DELETE_WORKERS):
         return
     if os.path.islink(path) or not os.path.isdir(path):
         raise OSError(f"refusing to remove {path}: not a directory")
+    if btrfs_snapshot.is_subvolume(path):
+        try:
+            if btrfs_snapshot.delete(path, _QUIET):
+                return
+        except btrfs_snapshot.BtrfsError as exc:
+            raise OSError(str(exc))
+        # Not allowed to delete subvolumes (no user_subvol_rm_allowed): now writable, emptied below, and
+        # its root removed by rmdir.
     rm = shutil.which("rm")
     if rm and workers > 1:
         subtrees = _subtrees(path)

@@ -206,11 +206,13 @@ def estimate_db_bytes(scale):
 
 def space_needed(content_bytes, db_bytes, content_dirs, n_files, runs):
     """Bytes and inodes the benchmark needs at its peak: the contentstore twice (source + first snapshot,
-    the bare full copy is removed before ours is taken), ~64 KB of directory blocks per snapshot kept, the
-    database twice (data directory + the restore drill's copy), the backups kept at a time and their WAL
-    (a quarter of the database each: a pessimistic compression ratio). Returns (bytes, inodes)."""
-    snapshots = 3 + runs
-    need = 2 * content_bytes + 2 * db_bytes + snapshots * (content_dirs + 1) * 4096
+    the bare full copy is removed before ours is taken) and once more for the btrfs image, the directory
+    blocks of every tree the nights keep until their deletes (ours, rsync and cp -al, cold and warm: six a
+    night), the database twice (data directory + the restore drill's copy), the backups kept at a time
+    and their WAL (a quarter of the database each: a pessimistic compression ratio). Returns (bytes,
+    inodes)."""
+    snapshots = 3 + 12 * runs
+    need = 3 * content_bytes + 2 * db_bytes + snapshots * (content_dirs + 1) * 4096
     need += (runs + 3) * (db_bytes // 4 + 3 * WAL_SEGMENT)  # backup.py's runs keep theirs; the others go at once
     inodes = 2 * n_files + snapshots * (content_dirs + 1) + 10000
     return int(need * 1.1), inodes

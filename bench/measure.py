@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-import dataset
+import snapshots
+from snapshots import order_of
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 PROJECT_DIR = os.path.dirname(BENCH_DIR)
@@ -49,12 +50,6 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
-def order_of(sides, run):
-    """``sides`` rotated by ``run``, so that each side goes first in turn."""
-    shift = run % len(sides)
-    return sides[shift:] + sides[:shift]
-
-
 def restore_verify_available(python=sys.executable, project_dir=PROJECT_DIR):
     """True when restore.py exists and has a ``verify`` command (``restore.py verify --help`` exits 0)."""
     path = os.path.join(project_dir, "restore.py")
@@ -65,12 +60,14 @@ def restore_verify_available(python=sys.executable, project_dir=PROJECT_DIR):
     return proc.returncode == 0
 
 
-class Bench:
-    """One benchmark session on sandbox ``sb`` with the backup configuration ``env_path``."""
+class Bench(snapshots.ContentstoreScenarios):
+    """One benchmark session on sandbox ``sb`` with the backup configuration ``env_path`` (written with
+    the ``--set`` overrides ``env_overrides``)."""
 
-    def __init__(self, sb, env_path, log=print):
+    def __init__(self, sb, env_path, log=print, env_overrides=None):
         self.sb = sb
         self.env_path = env_path
+        self.env_overrides = dict(env_overrides or {})
         self.log = log
         self.samples = {}
         self.notes = []
@@ -79,6 +76,7 @@ class Bench:
         self._mkdir(self.bare_root, 0o700)
         self._last_name = {}
         self.plan = None
+        self.extras = []
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _mkdir(self, path, mode=0o755):
@@ -110,9 +108,10 @@ class Bench:
                                                                 (proc.stderr or proc.stdout)[-3000:]))
         return seconds, proc
 
-    def worker(self, op, *args, timeout=3600):
-        """Run bench/worker.py OP as the service user; returns its JSON result. Raises BenchError."""
-        argv = [self.sb.python, WORKER, op, self.env_path] + [str(a) for a in args]
+    def worker(self, op, *args, timeout=3600, env_path=None):
+        """Run bench/worker.py OP as the service user (with ``env_path``, default the bench's .env);
+        returns its JSON result. Raises BenchError."""
+        argv = [self.sb.python, WORKER, op, env_path or self.env_path] + [str(a) for a in args]
         proc = self.sb.run_as_service_user(argv, timeout=timeout)
         if proc.returncode != 0:
             raise BenchError("our %s failed (exit %d):\n%s" % (op, proc.returncode, proc.stderr[-4000:]))
@@ -179,81 +178,6 @@ class Bench:
                              files=files, flags=flags[side])
                     shutil.rmtree(dest)
 
-    # ---- contentstore -------------------------------------------------------------------------------
-    def snapshots(self):
-        return catalog.done_backups(self.sb.backup_dir, "contentstore")
-
-    def rsync_argv(self, dest, link_dest=None):
-        argv = ["rsync", "-a"] + (["--link-dest=%s" % link_dest] if link_dest else [])
-        return argv + [self.sb.contentstore_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
-
-    def ours_snapshot(self, op, run, position, cold):
-        result = self.worker("snapshot", self.new_name("contentstore"))
-        info = result["info"] or {}
-        return self.add(op, "ours", run, position, result["seconds"], cold, call=result["call"],
-                        engine=info.get("engine", "rsync"), files=info.get("files"),
-                        bytes_copied=info.get("bytes_copied"), stage_duration_s=info.get("duration_s"),
-                        steps=result.get("steps"))
-
-    def first_copy(self):
-        """One full copy each: bare ``rsync -a`` first (then removed), then ours, which stays as the base."""
-        dest = os.path.join(self.bare_root, "full")
-        cold = self.cold()
-        seconds, _proc = self.bare(self.rsync_argv(dest), "rsync -a (full copy)")
-        self.add("snapshot_full", "bare", 0, 0, seconds, cold)
-        shutil.rmtree(dest)
-        self.ours_snapshot("snapshot_full", 0, 1, self.cold())
-
-    def nightly(self, op, run, add_files):
-        """One night: ``add_files()`` (untimed), then ours and bare ``rsync -a --link-dest`` on the same
-        previous snapshot, in alternating order. Returns (previous snapshot path, bare copy path)."""
-        previous = self.snapshots()[-1].path
-        add_files()
-        bare_dest = os.path.join(self.bare_root, "%s-%d" % (op, run))
-        for position, side in enumerate(order_of(["ours", "bare"], run)):
-            cold = self.cold()
-            if side == "ours":
-                self.ours_snapshot(op, run, position, cold)
-            else:
-                seconds, _proc = self.bare(self.rsync_argv(bare_dest, previous), "rsync --link-dest")
-                self.add(op, "bare", run, position, seconds, cold)
-        return previous, bare_dest
-
-    def retention_delete(self, run, ours_path, bare_path, scenario):
-        """Delete one snapshot each: ours with retention.remove_tree (its metadata dropped first, untimed),
-        bare with ``rm -rf``; both trees hold the same files and directories."""
-        self.remove_entry_metadata(ours_path)
-        for position, side in enumerate(order_of(["ours", "bare"], run)):
-            cold = self.cold()
-            if side == "ours":
-                result = self.worker("remove", ours_path)
-                self.add("retention_delete", side, run, position, result["seconds"], cold, scenario=scenario)
-            else:
-                seconds, _proc = self.bare(["rm", "-rf", "--", bare_path], "rm -rf")
-                self.add("retention_delete", side, run, position, seconds, cold, scenario=scenario)
-
-    @staticmethod
-    def remove_entry_metadata(path):
-        try:
-            os.unlink(catalog.info_path(path))
-        except FileNotFoundError:
-            pass
-
-    def contentstore_nights(self, runs, new_files, first_new_day, seed):
-        for run in range(runs):
-            day = first_new_day + datetime.timedelta(days=run)
-
-            def add(day=day, run=run):
-                files = dataset.add_night(self.sb.contentstore_dir, new_files, day, seed + 1000 + run, self.sb.uid,
-                                          self.sb.gid)
-                dataset.insert_rows(self.sb, files)
-                os.sync()
-            previous, bare_dest = self.nightly("snapshot_1pct", run, add)
-            self.retention_delete(run, previous, bare_dest, "1pct")
-        for run in range(runs):
-            previous, bare_dest = self.nightly("snapshot_nochange", run, lambda: None)
-            self.retention_delete(runs + run, previous, bare_dest, "nochange")
-
     # ---- whole night ----------------------------------------------------------------------------------
     def nightly_runs(self, runs):
         """``backup.py`` end to end; overhead = wall time minus the stage durations of its summary."""
@@ -288,29 +212,51 @@ class Bench:
         return os.path.join(catalog.kind_dir(self.sb.backup_dir, "postgres"), info["name"])
 
     def restore_drill(self, runs):
+        """Per run, in turns: the drill (``restore.py verify``), ``restore.py postgres --immediate --start``
+        (the restored server is stopped afterwards, untimed) and the bare restore; the bare samples are the
+        reference of both rows."""
         backup = self.drill_backup()
         ours = restore_verify_available()
         if not ours:
             self.notes.append("restore drill, ours: not available yet (no restore.py with a verify command)")
         for run in range(runs):
-            sides = order_of(["ours", "bare"], run) if ours else ["bare"]
+            sides = order_of(["drill", "postgres", "bare"], run) if ours else ["bare"]
             for position, side in enumerate(sides):
                 cold = self.cold()
                 if side == "bare":
                     seconds = self.bare_restore(backup)
-                    self.add("restore_drill", side, run, position, seconds, cold, backup=os.path.basename(backup))
+                    for op in ("restore_drill", "restore_postgres"):
+                        self.add(op, "bare", run, position, seconds, cold, backup=os.path.basename(backup))
+                elif side == "drill":
+                    self._ours_restore("restore_drill", run, position, cold, backup,
+                                       ["verify", "--backup", os.path.basename(backup)])
                 else:
-                    started = time.monotonic()
-                    proc = self.sb.run_as_service_user(
-                        [self.sb.python, os.path.join(PROJECT_DIR, "restore.py"), "verify", "--env", self.env_path,
-                         "--backup", os.path.basename(backup)], timeout=7200)
-                    seconds = time.monotonic() - started
-                    if proc.returncode != 0:
-                        self.notes.append("restore.py verify run %d exit %d: %s" % (
-                            run, proc.returncode, (proc.stderr or proc.stdout).strip()[-300:]))
-                    self.add("restore_drill", side, run, position, seconds, cold, ok=proc.returncode == 0,
-                             exit_code=proc.returncode,
-                             backup=os.path.basename(backup), output_tail=(proc.stdout + proc.stderr)[-3000:])
+                    dest = os.path.join(self.sb.root, "restored-%d" % run)
+                    try:
+                        self._ours_restore("restore_postgres", run, position, cold, backup,
+                                           ["postgres", "--to", dest, "--backup", os.path.basename(backup),
+                                            "--immediate", "--start"])
+                    finally:
+                        self._stop_restored(dest)
+
+    def _ours_restore(self, op, run, position, cold, backup, args):
+        started = time.monotonic()
+        proc = self.sb.run_as_service_user(
+            [self.sb.python, os.path.join(PROJECT_DIR, "restore.py"), args[0], "--env", self.env_path] + args[1:],
+            timeout=7200)
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            self.notes.append("restore.py %s run %d exit %d: %s" % (
+                args[0], run, proc.returncode, (proc.stderr or proc.stdout).strip()[-300:]))
+        self.add(op, "ours", run, position, seconds, cold, ok=proc.returncode == 0, exit_code=proc.returncode,
+                 backup=os.path.basename(backup), output_tail=(proc.stdout + proc.stderr)[-3000:])
+
+    def _stop_restored(self, dest):
+        """Untimed: stop the server ``restore.py postgres --start`` left running on ``dest`` and remove it."""
+        if os.path.exists(os.path.join(dest, "postmaster.pid")):
+            self.sb.run_as_service_user([os.path.join(self.sb.pg_bin, "pg_ctl"), "-D", dest, "-m", "immediate",
+                                         "-w", "stop"], timeout=120)
+        shutil.rmtree(dest, ignore_errors=True)
 
     def bare_restore(self, backup):
         """``tar -x`` base + pg_wal into a fresh directory, start ``postgres`` on it (no archiving, own port

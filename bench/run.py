@@ -38,7 +38,7 @@ import sandbox as sandbox_module  # noqa: E402
 
 FULL = {"files": 60000, "db_scale": 60, "runs": 3}
 QUICK = {"files": 3000, "db_scale": 5, "runs": 3}
-SECTIONS = ("full", "db", "snapshot", "overhead", "restore", "offsite")
+SECTIONS = ("full", "db", "snapshot", "btrfs", "overhead", "restore", "offsite")
 
 
 def parse_args(argv):
@@ -94,7 +94,8 @@ def machine_info(workdir):
     except (OSError, ValueError, IndexError):
         pass
     for tool, argv in (("rsync", ["rsync", "--version"]), ("tar", ["tar", "--version"]),
-                       ("zstd", ["zstd", "--version"])):
+                       ("zstd", ["zstd", "--version"]), ("cp", ["cp", "--version"]),
+                       ("btrfs", ["btrfs", "--version"])):
         info[tool] = dataset.tool_version(argv)
     git = ["git", "--no-optional-locks", "-C", PROJECT_DIR]
     head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True)
@@ -125,6 +126,7 @@ def build(args, plan, result):
               flush=True)
         seconds = dataset.write_contentstore(sb.contentstore_dir, plan, args.seed, sb.uid, sb.gid)
         result["dataset"]["contentstore_write_s"] = round(seconds, 3)
+        result["dataset"]["contentstore_written_at"] = time.time()
         result["dataset"]["content_rows"] = dataset.insert_rows(sb, plan.files)
         print("pgbench -i -s %d" % args.db_scale, flush=True)
         result["dataset"].update(("pgbench_" + k, v) for k, v in dataset.init_pgbench(sb, args.db_scale).items())
@@ -146,19 +148,31 @@ def run_sections(args, bench, plan, result):
     new_files = max(1, int(round(args.files * args.new_percent / 100.0)))
     result["dataset"]["new_files_per_night"] = new_files
     first_new_day = plan.last_day + datetime.timedelta(days=1)
+    import contentstore
+
+    def full():
+        bench.wait_until_old(result["dataset"]["contentstore_written_at"], contentstore.TRUST_MARGIN_S)
+        bench.first_copy(args.runs)
+
+    def base_only():
+        bench.wait_until_old(result["dataset"]["contentstore_written_at"], contentstore.TRUST_MARGIN_S)
+        bench.worker("snapshot", bench.new_name("contentstore"))
+
     steps = [
-        ("full", "first contentstore copy", bench.first_copy),
+        ("full", "first contentstore copy", full),
         ("db", "database backup", lambda: bench.db_backup(args.runs)),
         ("snapshot", "nightly snapshots and retention deletes",
          lambda: bench.contentstore_nights(args.runs, new_files, first_new_day, args.seed)),
+        ("btrfs", "btrfs: nightly snapshots and retention deletes with BACKUP_DIR on a loop-mounted btrfs",
+         lambda: bench.btrfs_nights(args.runs, new_files, first_new_day + datetime.timedelta(days=args.runs),
+                                    args.seed)),
         ("overhead", "backup.py, whole nights", lambda: bench.nightly_runs(args.runs)),
         ("restore", "restore drill", lambda: bench.restore_drill(args.runs)),
         ("offsite", "off-site upload to a loopback S3 server", lambda: offsite_bench.OffsiteBench(bench).run(
-            args.runs, new_files, first_new_day + datetime.timedelta(days=args.runs + 1), args.seed)),
+            args.runs, new_files, first_new_day + datetime.timedelta(days=2 * args.runs + 1), args.seed)),
     ]
     if "full" not in args.only and {"snapshot", "overhead"} & set(args.only):
-        steps[0] = ("full", "a first snapshot for the nights to link to (untimed)",
-                    lambda: bench.worker("snapshot", bench.new_name("contentstore")))
+        steps[0] = ("full", "a first snapshot for the nights to link to (untimed)", base_only)
         args.only = ["full"] + args.only
     failed = 0
     for section, title, func in steps:
@@ -195,7 +209,7 @@ def finish(result, bench, started, out, markdown=False):
     result["total_s"] = round(time.monotonic() - started, 1)
     result["results_md"] = report.results_section(result)
     write_json(out, result)
-    print("\n" + result["table"])
+    print("\n" + report.machine_line(result) + "\n" + result["table"])
     if result["cold_cache"] is False:
         print("note: the page cache could not be dropped (not root?): samples are warm-cache")
     for note in result["notes"]:
@@ -235,7 +249,7 @@ def main(argv=None):
     code = 0
     try:
         sb, env_path = build(args, plan, result)
-        bench = measure.Bench(sb, env_path)
+        bench = measure.Bench(sb, env_path, env_overrides=args.set)
         code = 1 if run_sections(args, bench, plan, result) else 0
     except (measure.BenchError, dataset.DatasetError, sandbox_module.SandboxError, OSError,
             subprocess.SubprocessError, KeyboardInterrupt) as exc:

@@ -3,7 +3,9 @@
 import hashlib
 import os
 import subprocess
+import time
 
+import contentstore
 import linktree
 import pytest
 
@@ -91,18 +93,28 @@ def rsync(src, dst, link_dest=None):
     subprocess.run(argv, check=True)
 
 
-@pytest.mark.parametrize("workers", [1, 4])
-def test_same_tree_and_same_links_as_rsync(tmp_path, workers):
+def trust_point(compare):
+    """``trust_before_ns`` for a previous snapshot starting now: None ("every file") or what the nightly run
+    passes ("as configured": its start minus contentstore.TRUST_MARGIN_S)."""
+    if compare == "every file":
+        return None
+    return time.time_ns() - contentstore.TRUST_MARGIN_S * 10 ** 9
+
+
+@pytest.mark.parametrize("compare", ["every file", "as configured"])
+@pytest.mark.parametrize("workers", [1, 4, None])
+def test_same_tree_and_same_links_as_rsync(tmp_path, workers, compare):
     src, prev = str(tmp_path / "src"), str(tmp_path / "prev")
     build_source(src)
     os.mkdir(prev)
+    trust = trust_point(compare)
     rsync(src, prev)
     change_source(src)
     by_rsync, by_us = str(tmp_path / "rsync"), str(tmp_path / "ours")
     os.mkdir(by_rsync)
     os.mkdir(by_us)
     rsync(src, by_rsync, link_dest=prev)
-    stats = linktree.snapshot(src, by_us, prev, workers=workers)
+    stats = linktree.snapshot(src, by_us, prev, workers=workers, trust_before_ns=trust)
     assert describe(by_us) == describe(src)
     # rsync with --link-dest leaves directory mtimes at "now" (seen with rsync 3.2); we keep the source's.
     assert describe(by_us, dir_times=False) == describe(by_rsync, dir_times=False)
@@ -114,18 +126,20 @@ def test_same_tree_and_same_links_as_rsync(tmp_path, workers):
     assert os.lstat(os.path.join(by_us, "odd")).st_mtime_ns == os.lstat(os.path.join(src, "odd")).st_mtime_ns
 
 
-def test_resume_keeps_what_the_interrupted_run_copied(tmp_path):
+@pytest.mark.parametrize("compare", ["every file", "as configured"])
+def test_resume_keeps_what_the_interrupted_run_copied(tmp_path, compare):
     src, prev, dest = str(tmp_path / "src"), str(tmp_path / "prev"), str(tmp_path / "dest")
     build_source(src)
     os.mkdir(prev)
+    trust = trust_point(compare)
     rsync(src, prev)
     change_source(src)
     os.mkdir(dest)
-    linktree.snapshot(src, dest, prev)
+    linktree.snapshot(src, dest, prev, trust_before_ns=trust)
     new_file = os.path.join(dest, "2025/1/2/3/4/new.bin")
     inode_before = os.stat(new_file).st_ino
     write(os.path.join(dest, "stray-from-old-source.bin"), b"not in the source any more")
-    stats = linktree.snapshot(src, dest, prev, resume=True)
+    stats = linktree.snapshot(src, dest, prev, resume=True, trust_before_ns=trust)
     assert os.stat(new_file).st_ino == inode_before  # kept, not copied again
     assert stats.bytes_copied == 0
     assert describe(dest) == describe(src)

@@ -212,3 +212,49 @@ def test_a_real_base_backup_still_extracts(tmp_path):
     tar_io.extract(tar, str(dest))
     for name, data in MEMBERS.items():
         assert (dest / name).read_bytes() == data
+
+
+# ---- extraction in one pass with digests (issue 13: restore time) -----------------------------------------
+
+@pytest.mark.parametrize("ext", ["", ".gz", ".zst", ".lz4"])
+def test_extract_returns_each_files_digest_and_writes_it_exactly(tmp_path, ext):
+    import hashlib
+
+    members = dict(MEMBERS, **{"base/1/empty": b"", "base/1/%d" % 512: os.urandom(512),
+                               "base/1/big": os.urandom(3 * tar_io.BUFSIZE + 17)})
+    path = str(tmp_path / ("base.tar" + ext))
+    with open(path, "wb") as handle:
+        handle.write(compressed(make_tar_bytes(members), ext))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    digests = tar_io.extract(path, str(dest), digest="sha256")
+    assert digests == {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in members.items()}
+    for name, data in members.items():
+        assert (dest / name).read_bytes() == data
+    again = tmp_path / "again"
+    again.mkdir()
+    assert tar_io.extract(path, str(again)) == {}
+
+
+@pytest.mark.parametrize("ext", ["", ".zst"])
+def test_extract_refuses_a_tar_cut_short_or_without_its_end(tmp_path, ext):
+    whole = make_tar_bytes(MEMBERS)
+    last = list(tarfile.open(fileobj=io.BytesIO(whole)))[-1]
+    for cut in (whole[: last.offset_data + (last.size + 511) // 512 * 512], whole[: last.offset_data + 100]):
+        path = str(tmp_path / ("cut.tar" + ext))
+        with open(path, "wb") as handle:
+            handle.write(compressed(cut, ext))
+        dest = tmp_path / ("dest-%d" % len(cut))
+        dest.mkdir()
+        with pytest.raises(tar_io.TarError, match="truncated|unexpected end"):
+            tar_io.extract(path, str(dest), digest="sha256")
+
+
+def test_extract_keeps_file_modes_and_mtimes(tmp_path):
+    tar = hostile_tar(str(tmp_path / "m.tar"), [("a/x", "file", b"x", 0o640), ("a/y", "file", b"yy", 0o700)], ext="")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    tar_io.extract(tar, str(dest))
+    assert (dest / "a/x").stat().st_mode & 0o7777 == 0o640 and (dest / "a/y").stat().st_mode & 0o7777 == 0o700
+    with tarfile.open(tar) as archive:
+        assert int((dest / "a/x").stat().st_mtime) == archive.getmember("a/x").mtime
