@@ -20,6 +20,7 @@ import restore_plan
 import restore_settings
 import safe_files
 import subprocess_utils
+import tar_extract
 import tar_io
 import wal
 import wal_chain
@@ -229,7 +230,7 @@ def extract(base, dest, log, manifest=None):
     try:
         log.info("extracting %s into %s%s", base_tar, dest, " (checking %s digests against backup_manifest)"
                  % digest if digest else "")
-        digests = tar_io.extract(base_tar, dest, digest=digest)
+        digests = tar_extract.extract(base_tar, dest, digest=digest)
         if digest:
             restore_manifest.check(manifest, digests)
         wal_dir = os.path.join(dest, restore_settings.wal_dir_name(version))
@@ -240,7 +241,7 @@ def extract(base, dest, log, manifest=None):
             os.mkdir(wal_dir, 0o700)
         if wal_tar:
             log.info("extracting %s into %s", wal_tar, wal_dir)
-            tar_io.extract(wal_tar, wal_dir)
+            tar_extract.extract(wal_tar, wal_dir)
     except (tar_io.TarError, restore_manifest.ManifestError) as exc:
         raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
     os.chmod(dest, 0o700)

@@ -2,7 +2,7 @@
 
 pg_basebackup lists every file of the data directory in the manifest with its size and checksum; we ask
 for SHA-256 (postgres.basebackup_plan). :func:`load` reads and authenticates the manifest; the restore
-hashes each file as it writes it (tar_io.extract with ``digest``) and :func:`problems` compares: the job
+hashes each file as it writes it (tar_extract.extract with ``digest``) and :func:`problems` compares: the job
 ``pg_verifybackup`` does after the extraction, without reading the restored gigabytes a second time.
 ``pg_verifybackup --skip-checksums`` still runs afterwards for the rest of its checks (files present and
 not extra, sizes, the system identifier). Manifests with CRC32C checksums (the PostgreSQL default, e.g.
@@ -57,7 +57,7 @@ def load(path):
 
 def problems(manifest, digests):
     """Lines naming each manifest file that the extraction did not write with its size and checksum;
-    ``digests``: {name: (size, hex digest)} from tar_io.extract. Empty when everything matches."""
+    ``digests``: {name: (size, hex digest)} from tar_extract.extract. Empty when everything matches."""
     found = []
     for name, (size, _algorithm, checksum) in sorted(manifest.files.items()):
         got = digests.get(name)

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 import restore_manifest
-import tar_io
+import tar_extract
 from test_postgres import manifest_bytes
 
 
@@ -60,7 +60,7 @@ def extracted(tmp_path, files):
     path.write_bytes(buffer.getvalue())
     dest = tmp_path / "dest"
     dest.mkdir()
-    return tar_io.extract(str(path), str(dest), digest="sha256")
+    return tar_extract.extract(str(path), str(dest), digest="sha256")
 
 
 def test_problems_name_missing_resized_and_changed_files(tmp_path):
