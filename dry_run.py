@@ -4,6 +4,7 @@ import datetime
 import os
 
 import alfresco_files
+import btrfs_snapshot
 import catalog
 import contentstore
 import postgres
@@ -41,9 +42,20 @@ def print_plan(cfg, retention_only=False):
         except postgres.PostgresError as exc:
             print("PostgreSQL: %s" % exc)
         previous = catalog.newest_done(cfg.BACKUP_DIR, "contentstore")
-        print("would run: %s" % " ".join(contentstore.rsync_argv(
-            cfg.contentstore_dir, os.path.join(cfg.BACKUP_DIR, "contentstore", "contentstore-<time>.partial"),
-            previous.path if previous else None)))
+        snapshots = catalog.kind_dir(cfg.BACKUP_DIR, "contentstore")
+        on_btrfs = os.path.isdir(snapshots) and btrfs_snapshot.unsupported_reason(snapshots) is None
+        engine = contentstore.choose_method(cfg.CONTENTSTORE_METHOD, previous is not None, on_btrfs)
+        print("contentstore snapshot engine: %s%s" % (engine, ", link base %s" % previous.name if previous else
+                                                      ", first copy (no complete snapshot yet)"))
+        partial = os.path.join(snapshots, "contentstore-<time>.partial")
+        if engine == "rsync" or previous is None:
+            print("would run: %s%s" % (" ".join(contentstore.rsync_argv(
+                cfg.contentstore_dir, partial, previous.path if previous else None)),
+                "" if previous else " (one per month bucket, several at once)"))
+        else:
+            print("would compare %s with %s and hardlink unchanged files into %s%s" % (
+                cfg.contentstore_dir, previous.path, partial,
+                " (a writable btrfs snapshot of it)" if engine == "btrfs" else ""))
         print("would copy: %s" % ", ".join(os.path.join(cfg.ALF_BASE_DIR, rel)
                                            for _w, rel, _t in alfresco_files.ITEMS))
         print("would wait up to %d s for the backup's WAL in %s" % (cfg.WAL_WAIT_TIMEOUT, cfg.wal_archive_dir))
