@@ -10,7 +10,6 @@ only.
 """
 
 import grp
-import importlib
 import os
 import pwd
 import re
@@ -23,15 +22,6 @@ import struct
 import subprocess_utils
 
 ROOT_PROGRAM_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
-# Moved out of this module; still reachable as setup_sys.NAME for callers written before the move.
-_MOVED = {"Psql": "setup_db", "read_text": "setup_safefs", "write_private": "setup_safefs",
-          "rewrite_in_place": "setup_safefs", "make_private_dir": "setup_safefs"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError("module 'setup_sys' has no attribute %r" % name)
 
 
 class SetupError(Exception):

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import setup_answers
+import setup_safefs
 import setup_finish
 import setup_service
 import setup_steps
@@ -75,11 +76,11 @@ def test_rewrite_in_place_never_writes_through_a_link(public_dir, victim, servic
     conf = public_dir / "postgresql.conf"
     planted(conf, secret, service_user)
     with pytest.raises(SetupError, match="symbolic link"):
-        setup_sys.rewrite_in_place(str(conf), "archive_mode = on\n")
+        setup_safefs.rewrite_in_place(str(conf), "archive_mode = on\n")
     os.unlink(str(conf))
     conf.write_text("mine\n")  # root's file in the service user's directory: not PostgreSQL's
     with pytest.raises(SetupError, match="belongs to root"):
-        setup_sys.rewrite_in_place(str(conf), "archive_mode = on\n")
+        setup_safefs.rewrite_in_place(str(conf), "archive_mode = on\n")
     assert state() == before and conf.read_text() == "mine\n"
 
 
@@ -134,7 +135,7 @@ def test_copies_for_the_service_user_never_land_through_a_link(public_dir, victi
     # A link planted where the .bak goes is replaced, never written through.
     bak = public_dir / "setup.env.bak"
     planted(bak, _secret, service_user)
-    setup_sys.write_private(str(bak), "PGUSER=x\n", ctx.service_user)
+    setup_safefs.write_private(str(bak), "PGUSER=x\n", ctx.service_user)
     assert not bak.is_symlink() and bak.read_text() == "PGUSER=x\n" and state() == before
 
 
