@@ -6,8 +6,6 @@ matches, then renames to ``base-TS/`` and writes the metadata with status WAITIN
 marks it DONE once its last WAL segment is archived.
 """
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -17,6 +15,7 @@ import time
 import catalog
 import pg_versions
 import postgres
+import restore_manifest
 import safe_files
 import subprocess_utils
 import tar_io
@@ -45,36 +44,20 @@ def verify_manifest(path, base_members):
     Returns the manifest's WAL range {'start_lsn', 'end_lsn', 'timeline'} (first/last range). Raises
     PostgresError.
     """
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    marker = raw.rfind(b'"Manifest-Checksum"')
     try:
-        if marker < 0:
-            raise ValueError("no Manifest-Checksum")
-        manifest = json.loads(raw.decode("utf-8"))
-        expected = manifest["Manifest-Checksum"]
-    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise PostgresError("backup_manifest is damaged or truncated: %s" % exc)
-    if hashlib.sha256(raw[:marker]).hexdigest() != expected:
-        raise PostgresError("backup_manifest checksum mismatch: the manifest is damaged")
+        manifest = restore_manifest.load(path)
+    except restore_manifest.ManifestError as exc:
+        raise PostgresError("backup_manifest: %s" % exc)
     problems = []
-    for entry in manifest.get("Files", []):
-        name = entry.get("Path")
-        if name is None and entry.get("Encoded-Path"):
-            # Non-UTF-8 file names are hex-encoded in the manifest; tarfile names them with surrogateescape.
-            name = bytes.fromhex(entry["Encoded-Path"]).decode("utf-8", "surrogateescape")
+    for name, (size, _algorithm, _checksum) in manifest.files.items():
         if name not in base_members:
             problems.append("missing from base.tar: %s" % name)
-        elif base_members[name] != entry["Size"]:
-            problems.append("size differs for %s: manifest %d, tar %d" % (name, entry["Size"], base_members[name]))
+        elif base_members[name] != size:
+            problems.append("size differs for %s: manifest %d, tar %d" % (name, size, base_members[name]))
     if problems:
         raise PostgresError("base backup does not match its manifest: %s%s" % (
             "; ".join(problems[:5]), " (and %d more)" % (len(problems) - 5) if len(problems) > 5 else ""))
-    ranges = manifest.get("WAL-Ranges") or []
-    if not ranges:
-        return {}
-    return {"start_lsn": ranges[0]["Start-LSN"], "end_lsn": ranges[-1]["End-LSN"],
-            "timeline": ranges[-1]["Timeline"]}
+    return manifest.wal_range
 
 
 def check_backup_dir(directory, wal_method, server_num, base_scan=None):

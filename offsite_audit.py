@@ -15,22 +15,14 @@ The nightly shipping trusts its record and never lists the bucket; the audit doe
 A crypt remote has no MD5 of the plain content: there only sizes are compared.
 """
 
-import hashlib
 import os
 
 import catalog
 import lock
 import offsite
+import rclone
 
 SHOW = 10
-
-
-def _md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def local_path(cfg, row):
@@ -92,7 +84,7 @@ def _audit(cfg, log, job, report):
         if not md5 and remote_md5 and key not in suspicious:
             row = state.object(key)
             path = local_path(cfg, row)
-            if os.path.isfile(path) and _md5(path) != remote_md5:
+            if os.path.isfile(path) and rclone.md5_of(path) != remote_md5:
                 corrupted.append(row)
     gone, resend = [], []
     for key in missing:

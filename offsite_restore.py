@@ -14,7 +14,6 @@ the same size and time are not fetched again.
 
 import argparse
 import copy
-import hashlib
 import logging
 import os
 import random
@@ -161,11 +160,7 @@ def cmd_list(source, args):
 
 def cmd_contentstore(source, args, restore):
     snapshots = catalog.list_backups(source.staging, "contentstore")
-    point = restore_plan.parse_time(args.for_time) if args.for_time else None
-    if point is None and not args.snapshot:
-        snapshot, warnings = restore_plan.find_backup(snapshots, "latest", "contentstore"), []
-    else:
-        snapshot, warnings = restore_plan.choose_snapshot(snapshots, point, args.snapshot)
+    snapshot, warnings = restore_plan.snapshot_to_restore(snapshots, args.for_time, args.snapshot)
     for warning in warnings:
         LOG.warning("%s", warning)
     rels = []
@@ -262,14 +257,14 @@ def sample_check(source, snapshot_name, files, listing, lines):
                 failures.append("sample %s: %d bytes off-site, %d in the manifest" % (rel, os.path.getsize(path),
                                                                                      files[rel]))
                 continue
-            digest = _md5(path)
+            digest = rclone.md5_of(path)
             if hashes.get(rel) and hashes[rel] != digest:
                 failures.append("sample %s: MD5 %s of the downloaded bytes differs from the remote's %s" % (
                     rel, digest, hashes[rel]))
             local = os.path.join(local_root, rel)
             if os.path.isfile(local):
                 compared += 1
-                if _md5(local) != digest:
+                if rclone.md5_of(local) != digest:
                     failures.append("sample %s: the off-site bytes differ from the local snapshot %s" % (rel, local))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -287,11 +282,3 @@ def _stat_many(source, rels):
         except rclone.RcloneError:
             continue
     return items
-
-
-def _md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

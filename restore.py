@@ -289,11 +289,7 @@ def socket_dirs(data_dir):
 
 def cmd_contentstore(cfg, args):
     snapshots = catalog.list_backups(cfg.BACKUP_DIR, "contentstore")
-    point = restore_plan.parse_time(args.for_time) if args.for_time else None
-    if point is None and not args.snapshot:
-        snapshot, warnings = restore_plan.find_backup(snapshots, "latest", "contentstore"), []
-    else:
-        snapshot, warnings = restore_plan.choose_snapshot(snapshots, point, args.snapshot)
+    snapshot, warnings = restore_plan.snapshot_to_restore(snapshots, args.for_time, args.snapshot)
     for warning in warnings:
         LOG.warning("%s", warning)
     dest = os.path.abspath(args.to)

@@ -1,4 +1,5 @@
-"""A base backup's ``backup_manifest`` (PostgreSQL 13+) checked while the backup is extracted.
+"""A base backup's ``backup_manifest`` (PostgreSQL 13+): authenticated after each backup (base_backup, against
+the sizes in base.tar) and checked while the backup is extracted by a restore.
 
 pg_basebackup lists every file of the data directory in the manifest with its size and checksum; we ask
 for SHA-256 (postgres.basebackup_plan). :func:`load` reads and authenticates the manifest; the restore
@@ -17,9 +18,10 @@ import json
 HASHLIB_NAMES = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
 SHOW = 5
 
-Manifest = collections.namedtuple("Manifest", "path files algorithm")
+Manifest = collections.namedtuple("Manifest", "path files algorithm wal_range")
 Manifest.__doc__ = ("``files``: {member name: (size, algorithm, checksum)}; ``algorithm``: the hashlib name "
-                    "when every file has the same SHA checksum, else None.")
+                    "when every file has the same SHA checksum, else None; ``wal_range``: {'start_lsn', "
+                    "'end_lsn', 'timeline'} of the first/last WAL range, or {} when it lists none.")
 
 
 class ManifestError(Exception):
@@ -38,6 +40,9 @@ def load(path):
         data = json.loads(raw.decode("utf-8"))
         expected = data["Manifest-Checksum"]
         entries = data.get("Files", [])
+        ranges = data.get("WAL-Ranges") or []
+        wal_range = {"start_lsn": ranges[0]["Start-LSN"], "end_lsn": ranges[-1]["End-LSN"],
+                     "timeline": ranges[-1]["Timeline"]} if ranges else {}
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ManifestError("%s is damaged or truncated: %s" % (path, exc))
     if hashlib.sha256(raw[:marker]).hexdigest() != expected:
@@ -52,7 +57,7 @@ def load(path):
         files[name] = (entry.get("Size"), algorithm, entry.get("Checksum"))
         algorithms.add(algorithm)
     only = algorithms.pop() if len(algorithms) == 1 else None
-    return Manifest(path, files, HASHLIB_NAMES.get(only))
+    return Manifest(path, files, HASHLIB_NAMES.get(only), wal_range)
 
 
 def problems(manifest, digests):

@@ -222,6 +222,16 @@ def db_point(target, base):
     return None
 
 
+def snapshot_to_restore(snapshots, for_time=None, snapshot_id=None):
+    """(entry, warnings) for ``restore.py contentstore``: the snapshot named by ``snapshot_id``, else the one
+    that pairs with the database time ``for_time`` (text, see :func:`parse_time`), else the newest DONE one.
+    Raises PlanError."""
+    point = parse_time(for_time) if for_time else None
+    if point is None and not snapshot_id:
+        return find_backup(snapshots, "latest", "contentstore"), []
+    return choose_snapshot(snapshots, point, snapshot_id)
+
+
 def choose_snapshot(snapshots, point, snapshot_id=None, newest_wal_at=None):
     """(entry, warnings): the first DONE snapshot that started at or after ``point`` (an aware datetime).
 

@@ -170,6 +170,16 @@ def test_explicit_snapshot_older_than_the_point_is_allowed_with_a_warning():
         rp.choose_snapshot(SNAPS, None, "cs-2")
 
 
+def test_snapshot_to_restore_by_name_by_database_time_or_the_newest():
+    assert rp.snapshot_to_restore(SNAPS) == (SNAPS[2], [])
+    assert rp.snapshot_to_restore(SNAPS, "2024-05-01 02:06Z")[0].name == "cs-3"  # cs-2 FAILED
+    assert rp.snapshot_to_restore(SNAPS, "2024-05-01 02:04Z")[0].name == "cs-1"
+    snap, warnings = rp.snapshot_to_restore(SNAPS, "2024-05-01 05:00Z", "cs-1")
+    assert snap.name == "cs-1" and "BEFORE the database point" in warnings[0]
+    with pytest.raises(rp.PlanError, match="cannot read the time"):
+        rp.snapshot_to_restore(SNAPS, "yesterday")
+
+
 def test_db_point():
     assert rp.db_point(rp.Target("time", at(5)), BASES[0]) == at(5)
     assert rp.db_point(rp.Target("immediate", None), BASES[0]) == at(2, 5)
