@@ -314,13 +314,13 @@ def make_new_host(sb, root):
 def docs_sandbox(service_user):
     """One sandbox with its history for both documents (the quick reference runs first)."""
     sb = sandbox_module.Sandbox.create()
-    s3 = S3Server(owner=service_user).start()
     try:
-        env = sb.write_env(**s3.env())
-        sb.offsite_env = s3.env()
-        yield sb, env, history(sb, env)
+        # Started inside the try: a server that cannot start must not leave the sandbox's PostgreSQL running.
+        with S3Server(owner=service_user) as s3:
+            env = sb.write_env(**s3.env())
+            sb.offsite_env = s3.env()
+            yield sb, env, history(sb, env)
     finally:
-        s3.__exit__()
         sb.destroy()
 
 
