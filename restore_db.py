@@ -266,14 +266,14 @@ def extract(base, dest, log, manifest=None):
     return warnings
 
 
-def verify_manifest(cfg, base, dest, log, digests_checked=False):
-    """Run pg_verifybackup (13+) on the freshly extracted ``dest`` when the backup has a manifest;
-    ``digests_checked``: the extraction checked every file's digest, so ``--skip-checksums`` (no second
-    read of the data). Returns a note, or None when it does not apply. Raises RestoreError when the files
-    differ."""
-    manifest = os.path.join(base.path, "backup_manifest")
-    if not os.path.isfile(manifest) or not pg_versions.backup_has_manifest(base.info.get("server_version_num") or 0):
+def verify_manifest(cfg, base, dest, log, manifest):
+    """Run pg_verifybackup (13+) on the freshly extracted ``dest`` when the backup has a manifest
+    (``manifest``, from :func:`load_manifest`; None: it does not apply). When the extraction checked every
+    file's digest against it (a SHA algorithm), with ``--skip-checksums`` (no second read of the data).
+    Returns a note, or None when it does not apply. Raises RestoreError when the files differ."""
+    if manifest is None:
         return None
+    digests_checked = manifest.algorithm is not None
     try:
         tool = pg_tool(cfg, "pg_verifybackup", base.info["server_version_num"], fits=pg_versions.verifybackup_fits)
     except RestoreError as exc:
@@ -284,7 +284,7 @@ def verify_manifest(cfg, base, dest, log, digests_checked=False):
         # --no-parse-wal: pg_verifybackup would run pg_waldump through /bin/sh with our paths in it; the WAL
         # is proven by recovery itself and by the archive's chain check.
         subprocess_utils.run([tool, "--quiet", "--no-parse-wal"] + (["--skip-checksums"] if digests_checked else [])
-                             + ["-m", manifest, dest], subprocess_utils.base_env(), timeout=3600,
+                             + ["-m", manifest.path, dest], subprocess_utils.base_env(), timeout=3600,
                              what="pg_verifybackup", log=log)
     except subprocess_utils.CommandError as exc:
         raise RestoreError("the restored files do not match the backup's manifest: %s" % exc)
@@ -350,7 +350,6 @@ def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     started = time.monotonic()
     manifest = load_manifest(base)
     warnings = extract(base, dest, log, manifest)
-    checked = manifest is not None and manifest.algorithm is not None
-    notes = [n for n in [verify_manifest(cfg, base, dest, log, digests_checked=checked)] if n]
+    notes = [n for n in [verify_manifest(cfg, base, dest, log, manifest)] if n]
     write_recovery(dest, files, log)
     return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}

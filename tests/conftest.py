@@ -20,6 +20,7 @@ for _path in (TESTS_DIR, PROJECT_DIR):
         sys.path.insert(0, _path)
 
 import sandbox as sandbox_module  # noqa: E402  (needs the sys.path entries above)
+from s3server import S3Server  # noqa: E402
 
 
 def pytest_configure(config):
@@ -58,3 +59,10 @@ def cron_guard(service_user):
     guard = sandbox_module.CrontabGuard(service_user.name)
     yield guard
     guard.release()
+
+
+@pytest.fixture
+def s3(service_user):
+    """A real S3 server on loopback (rclone serve s3, tests/s3server.py), stopped afterwards."""
+    with S3Server(owner=service_user) as server:
+        yield server

@@ -16,7 +16,6 @@ import time
 
 import pytest
 from mailserver import MailServer
-from s3server import S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +78,6 @@ def assert_only_adds(s3):
     twice = sorted(k for k in set(written) if written.count(k) > 1)
     assert not twice, twice
     return requests
-
-
-@pytest.fixture
-def s3(service_user):
-    with S3Server(owner=service_user) as server:
-        yield server
 
 
 def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, s3):

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import wal_chain
-from s3server import S3Server
 from sandbox import free_port
 
 pytestmark = pytest.mark.slow
@@ -57,12 +56,6 @@ def restore_at(sb, env, dest, *target):
         return rows.stdout.strip(), result
     finally:
         sb.run_as_service_user([os.path.join(sb.pg_bin, "pg_ctl"), "-D", dest, "-m", "fast", "-w", "stop"])
-
-
-@pytest.fixture
-def s3(service_user):
-    with S3Server(owner=service_user) as server:
-        yield server
 
 
 def test_disaster_restore_from_offsite_to_a_point_in_time_and_drill(sandbox, s3):
