@@ -106,7 +106,11 @@ class S3Server:
             return ""
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ is not called when __enter__ raises: clean up here
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc):
         self.stop()
