@@ -15,6 +15,25 @@ import dataset
 ROUNDS = ("cold", "warm")
 
 
+def warm_up(*trees):
+    """Untimed, before a warm round: lstat every entry of ``trees`` (the source and the previous snapshot),
+    so that each warm sample finds the metadata of both in the cache. Without it the first warm sample after
+    a cold round found the source cold again (the cold round's last drop came before ``cp -al``, which reads
+    only the previous snapshot) and was the slowest of its round."""
+    for tree in trees:
+        for dirpath, dirs, names in os.walk(tree):
+            for name in dirs + names:
+                os.lstat(os.path.join(dirpath, name))
+
+
+def settle():
+    """Untimed, before each warm sample: write back what the previous sample left dirty (bare rsync does not
+    sync), so that no sample pays for another's write-back -- ours ends with a syncfs of the whole file
+    system. Returns False (the cache was not dropped)."""
+    os.sync()
+    return False
+
+
 def order_of(sides, run):
     """``sides`` rotated by ``run``, so that each side goes first in turn."""
     shift = run % len(sides)
@@ -71,17 +90,20 @@ class ContentstoreScenarios:
     def nightly(self, op, run, add_files, rounds=ROUNDS):
         """One night: ``add_files()`` (untimed), then, for each cache state in ``rounds``, ours, bare
         ``rsync -a --link-dest`` and the floor ``cp -al`` of the same previous snapshot, in alternating
-        order ("cold": page cache dropped before each sample; "warm": not dropped, right after the cold
-        round). Ours' warm-round snapshot links to the same previous snapshot as its cold one (whose
-        metadata is moved aside meanwhile) and is left without metadata afterwards. Returns (previous
+        order ("cold": page cache dropped before each sample; "warm": right after the cold round, both trees
+        read once before it (:func:`warm_up`) and the file system synced before each sample (:func:`settle`)).
+        Ours' warm-round snapshot links to the same previous snapshot as its cold one (whose metadata is
+        moved aside meanwhile) and is left without metadata afterwards. Returns (previous
         snapshot path, bare cold copy path); every tree made stays until :meth:`clean_extras`."""
         previous = self.snapshots()[-1].path
         add_files()
         bare_cold = None
         kept = None
         for cache in rounds:
+            if cache == "warm":
+                warm_up(self.sb.contentstore_dir, previous)
             for position, side in enumerate(order_of(["ours", "bare", "floor"], run)):
-                cold = self.cold() if cache == "cold" else False
+                cold = self.cold() if cache == "cold" else settle()
                 if side == "ours":
                     if kept is not None:
                         os.rename(catalog.info_path(kept), catalog.info_path(kept) + ".aside")
