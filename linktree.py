@@ -246,6 +246,9 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
             for item in items:
                 deeper.extend(_process(job, stats, item, dir_attrs))
             items, depth = deeper, depth + 1
+        # Newest subtrees first: new content lands in the newest time bucket, so the subtree that copies
+        # data starts at once and overlaps the others' links instead of running alone at the end.
+        items.sort(key=lambda item: item[3].st_mtime_ns, reverse=True)
         if workers is None:
             results, stats.workers = _measured_workers(job, items)
         elif workers > 1 and len(items) > 1:
