@@ -74,6 +74,18 @@ def side_stats(samples, side):
             "median_size": _median([s.get("size_bytes") for s in chosen])}
 
 
+def run_ratios(samples, bare_side):
+    """ours/bare of each run that has one successful sample of each side ([float], in run order): the
+    paired view of a row whose runs differ on purpose (each night links to a different previous snapshot),
+    beside the table's ratio of medians."""
+    by_run = {}
+    for sample in samples:
+        if sample.get("ok", True) and sample["side"] in ("ours", bare_side):
+            by_run.setdefault(sample["run"], {}).setdefault(sample["side"], []).append(sample["seconds"])
+    return [sides["ours"][0] / sides[bare_side][0] for _run, sides in sorted(by_run.items())
+            if len(sides.get("ours", ())) == 1 and len(sides.get(bare_side, ())) == 1 and sides[bare_side][0]]
+
+
 def build_rows(samples):
     """The table rows (list of dicts) from ``{op: [sample]}``."""
     rows = []
@@ -90,6 +102,7 @@ def build_rows(samples):
                "bare_size": bare and bare["median_size"], "ratio": None, "met": None}
         if ours and bare and bare["median"]:
             row["ratio"] = ours["median"] / bare["median"]
+            row["run_ratios"] = run_ratios(op_samples, bare_side)
         if check is not None and ours and (bare_side is None or row["ratio"] is not None):
             row["met"] = bool(check(row["ours_median"], row["bare_median"], row))
         rows.append(row)
@@ -176,6 +189,11 @@ def results_section(result, title="<what changed>"):
         "",
         result["markdown"],
     ]
+    paired = ["%s: %s" % (row["label"], " / ".join("%.2f" % r for r in row["run_ratios"]))
+              for row in result.get("rows") or []
+              if row.get("met") is not None and len(row.get("run_ratios") or ()) > 1]
+    if paired:
+        lines += ["", "- ours/bare of each run (same run, back to back): " + "; ".join(paired)]
     extra = list(result.get("notes") or []) + ["FAILED %s: %s" % (e["section"], e["error"].splitlines()[0])
                                                for e in result.get("errors") or []]
     if extra:
