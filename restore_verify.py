@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -44,14 +45,16 @@ def sanity_counts(conn):
     return counts
 
 
-def check_content(conn, store_dir, fallback=None, sizes=None):
+def check_content(conn, store_dir, fallback=None, sizes=None, seen=None):
     """Check every ``store://`` URL of ``alf_content_url`` against the files under ``store_dir``.
 
     Returns {'checked', 'missing' [(url, size)] (first SHOW), 'missing_total', 'mismatched'
     [(url, recorded, actual)], 'mismatched_total', 'orphans_missing', 'other_stores', 'invalid', 'filled'}.
     URLs with an orphan_time (no document uses them any more) missing from the store are only counted.
     ``fallback(relpath, size)`` may supply a missing file and return True (counted as 'filled'). ``sizes``
-    ({relpath: size}, e.g. an off-site listing) replaces the look at ``store_dir``."""
+    ({relpath: size}, e.g. an off-site listing) replaces the look at ``store_dir``. ``seen`` ({relpath: size}
+    of regular files under ``store_dir``, possibly incomplete, from :func:`warm_cache`) spares the stat of
+    the files it holds; any other one is looked at."""
     result = {"checked": 0, "missing": [], "missing_total": 0, "mismatched": [], "mismatched_total": 0,
               "orphans_missing": 0, "other_stores": 0, "invalid": [], "filled": 0}
     conn.autocommit = False  # a named (server-side) cursor needs a transaction; millions of rows stream
@@ -69,7 +72,12 @@ def check_content(conn, store_dir, fallback=None, sizes=None):
                     continue
                 result["checked"] += 1
                 try:
-                    actual = os.stat(os.path.join(store_dir, rel)).st_size if sizes is None else sizes[rel]
+                    if sizes is not None:
+                        actual = sizes[rel]
+                    else:
+                        actual = seen.get(rel) if seen else None
+                        if actual is None:
+                            actual = os.stat(os.path.join(store_dir, rel)).st_size
                 except (FileNotFoundError, KeyError):
                     if fallback is not None and fallback(rel, size):
                         result["filled"] += 1
@@ -110,11 +118,13 @@ def content_problems(report, store_dir):
     return lines
 
 
-def warm_cache(store_dir, stop):
+def warm_cache(store_dir, stop, seen=None):
     """Read the directories and inodes of ``store_dir`` into the page cache until ``stop`` (a
-    threading.Event) is set, so that the content check, which stats one file per ``store://`` URL, finds
-    them in memory: run in a thread while the database is extracted and recovers. Never raises."""
-    stack = [store_dir]
+    threading.Event) is set, so that the content check, which looks at one file per ``store://`` URL, finds
+    them in memory: run in a thread while the database is extracted and recovers. ``seen``: a dict that
+    gets {relpath: size} of every regular file looked at (the check then needs no stat of its own for
+    them). Never raises."""
+    stack, prefix = [store_dir], os.path.join(store_dir, "")
     try:
         while stack and not stop.is_set():
             with os.scandir(stack.pop()) as listing:
@@ -122,7 +132,9 @@ def warm_cache(store_dir, stop):
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
                     else:
-                        entry.stat(follow_symlinks=False)
+                        st = entry.stat(follow_symlinks=False)
+                        if seen is not None and stat.S_ISREG(st.st_mode):
+                            seen[entry.path[len(prefix):]] = st.st_size
     except OSError:
         pass  # only a head start: the check itself reports what is missing
 
@@ -176,7 +188,7 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
                "content": None, "target": None, "timings": {}}
     scratch = server = None
     socket_dir, own_socket_dir = None, False
-    warmed = threading.Event()
+    warmed, seen = threading.Event(), {}
     try:
         target = (restore_plan.make_target(time=target_time) if target_time is not None
                   else restore_plan.make_target(immediate=True))
@@ -201,7 +213,7 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
                 catalog.list_backups(cfg.BACKUP_DIR, "contentstore"), restore_plan.db_point(target, base))
             warnings.extend(notes)
             details["snapshot"] = snapshot.name
-            threading.Thread(target=warm_cache, args=(snapshot.path, warmed), name="warm-snapshot",
+            threading.Thread(target=warm_cache, args=(snapshot.path, warmed, seen), name="warm-snapshot",
                              daemon=True).start()
         except restore_plan.PlanError as exc:
             failures.append("contentstore: %s" % exc)
@@ -236,7 +248,7 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
             details["counts"] = sanity_counts(conn)
             if snapshot is not None:
                 report = check_content(conn, snapshot.path,
-                                       sizes=content_sizes(snapshot) if content_sizes else None)
+                                       sizes=content_sizes(snapshot) if content_sizes else None, seen=seen)
                 details["content"] = report
                 failures.extend(content_problems(report, snapshot.path))
         finally:
