@@ -184,17 +184,18 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
     # became read-only).
     if engine != "btrfs":
         os.chmod(partial, 0o700)
+    files = stats.get("regular_files", stats.get("files"))
+    log.info("contentstore copied (%s files, %s bytes copied) in %.1f s; syncing the file system",
+             files, stats.get("bytes_copied"), time.monotonic() - started)
     # Every copied file and new directory entry on disk before the snapshot counts: later nights hardlink
     # these files by size+mtime, so a zero-filled one after a power cut would spread into every snapshot.
-    log.info("contentstore copied (%s files, %s bytes copied) in %.1f s; syncing the file system",
-             stats.get("regular_files", stats.get("files")), stats.get("bytes_copied"), time.monotonic() - started)
     safe_files.sync_filesystem(partial)
     info = {
         "kind": "contentstore", "name": name, "status": catalog.DONE, "source": source,
         "started_at": started_iso, "ended_at": catalog.utc_now_iso(),
         "duration_s": round(time.monotonic() - started, 3),
         "link_dest": previous.name if previous else None, "resumed_partial": bool(resumed), "engine": engine,
-        "files": stats.get("regular_files", stats.get("files")), "bytes_total": stats.get("bytes_total"),
+        "files": files, "bytes_total": stats.get("bytes_total"),
         "bytes_copied": stats.get("bytes_copied"), "files_copied": stats.get("files_copied"),
         "bytes_linked": (stats.get("bytes_total") or 0) - (stats.get("bytes_copied") or 0),
         "size_bytes": stats.get("bytes_copied"), "warnings": warnings,

@@ -6,6 +6,7 @@ output streamed line by line to the log, and one exception type, :class:`Command
 the exit code and the tail of stderr.
 """
 
+import fcntl
 import logging
 import os
 import signal
@@ -123,13 +124,11 @@ PIPE_SIZE = 1 << 20
 
 
 def widen_pipe(stream):
-    """Ask for a PIPE_SIZE buffer on the pipe behind ``stream``; where the kernel refuses (limits, not
-    Linux) the pipe simply stays as it is."""
+    """Ask for a PIPE_SIZE buffer on the pipe behind ``stream``; where the kernel refuses (a lower
+    pipe-max-size, the user's pipe quota) the pipe simply stays as it is."""
     try:
-        import fcntl
-
         fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), PIPE_SIZE)
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError):
         pass
 
 

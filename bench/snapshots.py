@@ -29,9 +29,8 @@ def warm_up(*trees):
 def settle():
     """Untimed, before each warm sample: write back what the previous sample left dirty (bare rsync does not
     sync), so that no sample pays for another's write-back -- ours ends with a syncfs of the whole file
-    system. Returns False (the cache was not dropped)."""
+    system."""
     os.sync()
-    return False
 
 
 def order_of(sides, run):
@@ -103,7 +102,11 @@ class ContentstoreScenarios:
             if cache == "warm":
                 warm_up(self.sb.contentstore_dir, previous)
             for position, side in enumerate(order_of(["ours", "bare", "floor"], run)):
-                cold = self.cold() if cache == "cold" else settle()
+                if cache == "cold":
+                    cold = self.cold()
+                else:
+                    settle()
+                    cold = False
                 if side == "ours":
                     if kept is not None:
                         os.rename(catalog.info_path(kept), catalog.info_path(kept) + ".aside")
