@@ -60,10 +60,11 @@ def verify_manifest(path, base_members):
     return manifest.wal_range
 
 
-def check_backup_dir(directory, wal_method, server_num, base_scan=None):
+def check_backup_dir(directory, wal_method, server_num, base_scan=None, wal_scan=None):
     """Check a finished pg_basebackup output directory. Returns facts for the metadata:
     backup_label fields, files {name: size}, and the manifest's WAL range. ``base_scan``: base.tar's
-    (sizes, contents) already read to its end while it was written, see :func:`_run_and_scan`.
+    (sizes, contents) already read to its end while it was written, see :func:`_run_and_scan`;
+    ``wal_scan``: {file name: members} of a WAL tar already read, see :func:`compress_wal_tar`.
     Raises PostgresError."""
     files = {n: os.path.getsize(os.path.join(directory, n)) for n in sorted(os.listdir(directory))}
     base = [n for n in files if n.startswith("base.tar")]
@@ -79,7 +80,9 @@ def check_backup_dir(directory, wal_method, server_num, base_scan=None):
         for name in files:
             if ".tar" not in name or name in base:
                 continue
-            listed = tar_io.list_members(os.path.join(directory, name))
+            listed = (wal_scan or {}).get(name)
+            if listed is None:
+                listed = tar_io.list_members(os.path.join(directory, name))
             if name.startswith("pg_wal.tar"):
                 wal_members = listed
             elif name.split(".tar", 1)[0].isdigit():
@@ -139,8 +142,8 @@ def take_base_backup(cfg, server, dest_root, name, log):
                 shutil.rmtree(partial)
                 os.mkdir(partial, 0o700)
                 plan = basebackup_plan(client_num, server["version_num"], fallback, "alfresco-backup %s" % name)
-        compress_wal_tar(partial, plan.compression, plan.level, log)
-        facts = check_backup_dir(partial, plan.wal_method, server["version_num"], base_scan)
+        wal_scan = compress_wal_tar(partial, plan.compression, plan.level, log)
+        facts = check_backup_dir(partial, plan.wal_method, server["version_num"], base_scan, wal_scan)
     except subprocess_utils.CommandError as exc:
         _remove(partial, log)
         if "no space left on device" in exc.stderr_tail.lower():
@@ -238,22 +241,43 @@ WAL_TAR_COMPRESSORS = {"zstd": ["zstd", "-q", "--rm", "-f"], "lz4": ["lz4", "-q"
 
 def compress_wal_tar(directory, method, level, log):
     """pg_basebackup 15+ leaves pg_wal.tar uncompressed with zstd/lz4 or server-side compression (16+ MB);
-    compress it the same way.
+    compress it the same way, reading it as a tar at the same time.
 
-    Without the zstd/lz4 program it stays uncompressed (a note in the log). Raises CommandError.
+    Returns {name of the compressed file: {member: size}} of pg_wal.tar as pg_basebackup wrote it (read to
+    its end marker while the compressor read it; the compressed copy carries the compressor's own checksum),
+    or None when the check must read the WAL tar itself: nothing compressed (no pg_wal.tar, no compression, or
+    no zstd/lz4 program: it then stays uncompressed, with a note in the log) or the reading thread died.
+    Raises CommandError, or PostgresError when pg_wal.tar is unreadable.
     """
     path = os.path.join(directory, "pg_wal.tar")
     if method not in WAL_TAR_COMPRESSORS or not os.path.exists(path):
-        return
+        return None
     tool = WAL_TAR_COMPRESSORS[method]
     if not shutil.which(tool[0]):
         log.warning("%s not found: pg_wal.tar stays uncompressed (install %s)", tool[0], tool[0])
-        return
+        return None
     level_flag = ["-%d" % min(level, {"zstd": 19, "lz4": 12, "gzip": 9}[method])] if level else []
     target = path + tar_io.EXTENSIONS[method]
     output = {"zstd": ["-o", target], "lz4": [target], "gzip": []}[method]
-    subprocess_utils.run(tool + level_flag + [path] + output, subprocess_utils.base_env(), timeout=600,
-                         what="compressing pg_wal.tar")
+    read = {}
+    # Opened before the compressor starts: its --rm may unlink pg_wal.tar before the reading thread is done.
+    with open(path, "rb") as handle:
+        def read_tar():
+            try:
+                read["members"] = tar_io.scan(path, source=handle)[0]
+            except tar_io.TarError as exc:
+                read["error"] = exc
+
+        reader = threading.Thread(target=read_tar, name="pg_wal.tar")
+        reader.start()
+        try:
+            subprocess_utils.run(tool + level_flag + [path] + output, subprocess_utils.base_env(), timeout=600,
+                                 what="compressing pg_wal.tar")
+        finally:
+            reader.join()
+    if "error" in read:
+        raise PostgresError(str(read["error"]))
+    return {os.path.basename(target): read["members"]} if "members" in read else None
 
 
 def _remove(path, log):

@@ -261,17 +261,30 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
         feeder = threading.Thread(target=_feed, args=(proc.stdin, stdin_data))
         feeder.daemon = True
         feeder.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout or None)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    fired = []
+
+    def on_timeout():
+        fired.append(True)
         log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
         _kill_tree(proc)
+
+    # A timer, not wait(timeout=): that polls with sleeps of up to 50 ms, and each command would end late.
+    timer = threading.Timer(timeout, on_timeout) if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        proc.wait()
     except BaseException:
         # Interrupted (Ctrl-C, our own SIGTERM handler): never leave the child running behind us.
         _kill_tree(proc)
         raise
+    finally:
+        if timer:
+            timer.cancel()
+    if fired and timer:
+        timer.join()  # the kill of the whole tree is finished before we report it
+    timed_out = bool(fired)
     for thread in pumps:
         thread.join(timeout=10)
     duration = time.monotonic() - started

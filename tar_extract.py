@@ -106,7 +106,7 @@ def extract(path, dest, digest=None):
                 hasher.end(name, member.size)
 
     try:
-        tar_io.walk(path, visit, forward=True)
+        tar_io.walk(path, visit)
     finally:
         sums = hasher.close() if hasher is not None else {}
     return sums

@@ -8,13 +8,13 @@ is :mod:`tar_extract`.
 import gzip
 import io
 import os
+import stat
 import tarfile
-import time
 
 import subprocess_utils
 
 EXTENSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst", "lz4": ".lz4"}
-BUFSIZE = 1 << 20  # tarfile skips member data in bufsize reads; its 10 KB default is slow on a 1 GB tar
+BUFSIZE = 1 << 20  # member data is read and skipped in pieces of this size; 10 KB ones are slow on a 1 GB tar
 DECOMPRESSORS = {".zst": ["zstd", "-dc", "-q"], ".lz4": ["lz4", "-dc", "-q"]}
 
 
@@ -37,16 +37,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
         return super().frombuf(buf, encoding, errors)
 
 
-def _members(stream, visit, path, forward=False):
+def _members(stream, visit, path):
     """Iterate a tar stream, calling ``visit``; raise TarError when it lacks its end-of-archive marker.
-    ``forward``: open it as a file that is only read forward (:class:`ForwardReader`, ``archive.fileobj``)
-    instead of tarfile's stream mode, so that member data can be read straight into a buffer."""
+    The stream is opened as a file that is only read forward (:class:`ForwardReader`, ``archive.fileobj``)
+    rather than in tarfile's stream mode: member data can then be read straight into a buffer, and skipped
+    without passing through Python at all."""
     tarinfo = type("TarInfoFor", (_CheckedTarInfo,), {"ends": []})
-    if forward:
-        opened = tarfile.open(fileobj=ForwardReader(stream), mode="r:", tarinfo=tarinfo)
-    else:
-        opened = tarfile.open(fileobj=stream, mode="r|", bufsize=BUFSIZE, tarinfo=tarinfo)
-    with opened as archive:
+    with tarfile.open(fileobj=ForwardReader(stream), mode="r:", tarinfo=tarinfo) as archive:
         archive.copybufsize = BUFSIZE  # extraction copies in 16 KB pieces otherwise: 60,000 calls per GB
         for member in archive:
             visit(member, archive)
@@ -62,6 +59,8 @@ class ForwardReader:
     def __init__(self, raw):
         self._raw = raw
         self._pos = 0
+        self._skip_buffer = None
+        self._pipe_fd = _splice_source(raw)
 
     def tell(self):
         return self._pos
@@ -69,12 +68,31 @@ class ForwardReader:
     def seek(self, pos, whence=0):
         if whence != 0 or pos < self._pos:
             raise OSError("cannot seek backwards in a tar stream (to %d from %d)" % (pos, self._pos))
+        if self._pipe_fd is not None:
+            self._splice_to(pos)
+        if self._skip_buffer is None:
+            self._skip_buffer = memoryview(bytearray(BUFSIZE))
         while self._pos < pos:
-            chunk = self._raw.read(min(BUFSIZE, pos - self._pos))
-            if not chunk:
+            count = self._raw.readinto(self._skip_buffer[:min(BUFSIZE, pos - self._pos)])
+            if not count:
                 break  # the read that follows finds the end of the data
-            self._pos += len(chunk)
+            self._pos += count
         return self._pos
+
+    def _splice_to(self, pos):
+        """Skip to ``pos`` without copying the data into the process: what the reader has buffered first,
+        then the pipe's pages straight to /dev/null (a GB of table data that the scan only counts)."""
+        buffered = len(self._raw.peek(1)) if self._pos < pos else 0
+        taken = len(self._raw.read(min(buffered, pos - self._pos))) if buffered else 0
+        self._pos += taken
+        if self._pos >= pos or taken < buffered:
+            return  # still something buffered: the pipe is not where the reader is, so no splice
+        with open(os.devnull, "wb") as sink:
+            while self._pos < pos:
+                count = os.splice(self._pipe_fd, sink.fileno(), min(1 << 24, pos - self._pos))
+                if not count:
+                    return
+                self._pos += count
 
     def read(self, size=-1):
         data = self._raw.read(size)
@@ -87,6 +105,18 @@ class ForwardReader:
         return count or 0
 
 
+def _splice_source(raw):
+    """The pipe's file descriptor when ``raw`` is a buffered reader of a pipe and os.splice exists (Linux,
+    Python 3.10+); otherwise None (data is skipped by reading it into a reused buffer)."""
+    if not hasattr(os, "splice") or not isinstance(raw, io.BufferedReader):
+        return None
+    try:
+        fd = raw.fileno()
+        return fd if stat.S_ISFIFO(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError):
+        return None
+
+
 def compression_of(path):
     """'gzip', 'zstd', 'lz4' or 'none', from the file name."""
     for method, ext in EXTENSIONS.items():
@@ -97,19 +127,18 @@ def compression_of(path):
     raise TarError("not a tar file name: %s" % path)
 
 
-def walk(path, visit, source=None, forward=False):
+def walk(path, visit, source=None):
     """Read every member of the tar file ``path`` in order and call ``visit(tarinfo, tarfile)``.
 
     ``visit`` may call ``tarfile.extractfile(tarinfo)`` for regular files. Reading to the end proves the
     file is complete (a truncated gzip/zstd stream or tar raises). ``source``: a binary file object to read
-    the (compressed) bytes from instead of opening ``path``, e.g. a :class:`GrowingFile`. ``forward``: see
-    :func:`_members`. Raises TarError.
+    the (compressed) bytes from instead of opening ``path``, e.g. a :class:`GrowingFile`. Raises TarError.
     """
     ext = os.path.splitext(path)[1]
     try:
         if ext in DECOMPRESSORS:
             def consume(stream):
-                _members(stream, visit, path, forward)
+                _members(stream, visit, path)
 
             argv = DECOMPRESSORS[ext] + (["-"] if source is not None else [path])
             subprocess_utils.read_stream(argv, subprocess_utils.base_env(), consume, feed=source,
@@ -120,7 +149,7 @@ def walk(path, visit, source=None, forward=False):
                 # gzip.GzipFile, not tarfile's "r|gz": pg_basebackup's pg_wal.tar.gz has several gzip
                 # members, and tarfile's own stream reader stops after the first (an empty one).
                 stream = gzip.GzipFile(fileobj=raw, mode="rb") if ext == ".gz" else raw
-                _members(stream, visit, path, forward)
+                _members(stream, visit, path)
             finally:
                 if source is None:  # ours to close; a caller's source stays open for the caller
                     raw.close()
@@ -149,7 +178,7 @@ class GrowingFile(io.RawIOBase):
             if count or done:
                 self.bytes_read += count or 0
                 return count or 0
-            time.sleep(self._poll)
+            self._finished.wait(self._poll)  # wakes as soon as the writer is done, not a poll later
 
     def close(self):
         self._file.close()
@@ -191,9 +220,9 @@ def scan_while_written(path, wanted, finished, poll=0.05):
     return result["sizes"], result["contents"]
 
 
-def scan(path, wanted=()):
+def scan(path, wanted=(), source=None):
     """One pass over the whole tar: ({member name: size} for every regular file, {name: bytes} of the
-    members named in ``wanted``). Names lose a leading './'. Raises TarError."""
+    members named in ``wanted``). Names lose a leading './'. ``source``: see :func:`walk`. Raises TarError."""
     sizes, contents = {}, {}
 
     def visit(member, archive):
@@ -203,7 +232,7 @@ def scan(path, wanted=()):
             if name in wanted:
                 contents[name] = archive.extractfile(member).read()
 
-    walk(path, visit)
+    walk(path, visit, source)
     return sizes, contents
 
 

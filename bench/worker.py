@@ -5,8 +5,9 @@
 
     plan ENV                  {"tool", "client_num", "server_num", "compression_option", "args",
                                "compression", "extension"}: the flags our stage would give pg_basebackup
-    base_backup ENV NAME      the night's postgres stage (connect, server facts, take_base_backup) into
-                              BACKUP_DIR/postgres/NAME: {"seconds", "info", "call"}
+    base_backup ENV NAME      the night's postgres stage (take_base_backup, with the server facts that the
+                              night's space stage asked for, untimed) into BACKUP_DIR/postgres/NAME:
+                              {"seconds", "info", "call"}
     snapshot ENV NAME         the night's contentstore stage into BACKUP_DIR/contentstore/NAME
     remove ENV PATH           retention.remove_tree(PATH)
 
@@ -61,6 +62,13 @@ def base_backup(cfg, log, name):
     import postgres
 
     night, stage = _night(cfg, log, name)
+    if night is not None and hasattr(night, "server"):
+        # As the night does: its space stage asks the server for these facts and the postgres stage reuses them.
+        conn = postgres.connect(cfg)
+        try:
+            night.server = postgres.server_facts(conn)
+        finally:
+            conn.close()
     started = STEPS.started = time.monotonic()
     if night is not None and hasattr(night, "_base_backup"):
         night._base_backup(stage)

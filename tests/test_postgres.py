@@ -4,7 +4,9 @@ check, the backup-directory check on hand-built tar files, and find_bin_dir. No 
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
 import sys
 import tarfile
 
@@ -16,6 +18,7 @@ import base_backup  # noqa: E402
 import matrix_pg  # noqa: E402
 import pg_versions  # noqa: E402
 import postgres  # noqa: E402
+import tar_io  # noqa: E402
 from postgres import PostgresError  # noqa: E402
 
 V94, V95, V96, V10, V12, V13, V14, V15, V16 = 90426, 90526, 90624, 100023, 120022, 130018, 140015, 150018, 160002
@@ -453,6 +456,38 @@ def test_check_backup_dir_with_tablespace(tmp_path):
     (tmp_path / "backup_manifest").write_bytes(manifest_bytes(entries))
     facts = base_backup.check_backup_dir(str(tmp_path), "stream", V15)
     assert "16385.tar" in facts["files"]
+
+
+@pytest.mark.skipif(not shutil.which("zstd"), reason="zstd not installed")
+def test_compress_wal_tar_lists_the_tar_it_compresses_and_the_check_uses_that(tmp_path):
+    make_tar(str(tmp_path / "base.tar"), base_members())
+    make_tar(str(tmp_path / "pg_wal.tar"), {SEGMENT: os.urandom(70000)})
+    listed = base_backup.compress_wal_tar(str(tmp_path), "zstd", None, logging.getLogger("test"))
+    assert listed == {"pg_wal.tar.zst": {SEGMENT: 70000}}
+    assert sorted(os.listdir(str(tmp_path))) == ["base.tar", "pg_wal.tar.zst"]
+    assert tar_io.list_members(str(tmp_path / "pg_wal.tar.zst")) == {SEGMENT: 70000}
+    # The check takes the listing instead of reading the compressed copy again: a listing without the
+    # start segment fails it although the file itself has it.
+    with pytest.raises(PostgresError, match=SEGMENT):
+        base_backup.check_backup_dir(str(tmp_path), "stream", V15, wal_scan={"pg_wal.tar.zst": {}})
+    assert base_backup.check_backup_dir(str(tmp_path), "stream", V15, wal_scan=listed)["start_wal_file"] == SEGMENT
+
+
+@pytest.mark.skipif(not shutil.which("zstd"), reason="zstd not installed")
+def test_compress_wal_tar_refuses_a_cut_wal_tar(tmp_path):
+    make_tar(str(tmp_path / "pg_wal.tar"), {SEGMENT: os.urandom(70000)})
+    with open(str(tmp_path / "pg_wal.tar"), "r+b") as handle:
+        handle.truncate(40000)
+    with pytest.raises(PostgresError, match="pg_wal.tar"):
+        base_backup.compress_wal_tar(str(tmp_path), "zstd", None, logging.getLogger("test"))
+
+
+def test_compress_wal_tar_without_a_wal_tar_or_compression_lists_nothing(tmp_path):
+    log = logging.getLogger("test")
+    assert base_backup.compress_wal_tar(str(tmp_path), "zstd", None, log) is None
+    make_tar(str(tmp_path / "pg_wal.tar"), {SEGMENT: b"\0"})
+    assert base_backup.compress_wal_tar(str(tmp_path), "none", None, log) is None
+    assert os.listdir(str(tmp_path)) == ["pg_wal.tar"]
 
 
 # --- find_bin_dir ----------------------------------------------------------------------------------------

@@ -95,6 +95,33 @@ def test_a_file_rewritten_behind_the_reader_gives_none(tmp_path):
     assert os.path.getsize(path) != len(data)  # ...and a later size check would notice the change
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "read"])
+def test_member_data_skipped_by_splice_or_by_reading_gives_the_same_scan(tmp_path, monkeypatch, splice):
+    """From a pipe (zstd -dc) member data the scan only counts goes straight to /dev/null with os.splice
+    where it exists; reading it into a buffer instead must give the same answer, and both must notice a cut."""
+    members = dict(MEMBERS, **{"base/1/%d" % n: os.urandom(700000 + n) for n in range(4)})
+    whole = make_tar_bytes(members)
+    path = str(tmp_path / "base.tar.zst")
+    with open(path, "wb") as handle:
+        handle.write(compressed(whole, ".zst"))
+    spliced = []
+    if splice:
+        if not hasattr(os, "splice"):
+            pytest.skip("os.splice needs Python 3.10+ on Linux")
+        real = os.splice
+        monkeypatch.setattr(os, "splice", lambda *a: spliced.append(a[2]) or real(*a))
+    else:
+        monkeypatch.setattr(tar_io, "_splice_source", lambda raw: None)
+    sizes, contents = tar_io.scan(path, ("backup_label",))
+    assert sizes == {name: len(data) for name, data in members.items()}
+    assert contents == {"backup_label": MEMBERS["backup_label"]}
+    assert bool(spliced) == splice
+    with open(path, "wb") as handle:
+        handle.write(compressed(whole[: len(whole) // 2], ".zst"))
+    with pytest.raises(tar_io.TarError):
+        tar_io.scan(path)
+
+
 @pytest.mark.parametrize("ext", ["", ".gz", ".zst"])
 def test_a_tar_cut_exactly_after_a_member_is_truncated_not_complete(tmp_path, ext):
     whole = make_tar_bytes(MEMBERS)
