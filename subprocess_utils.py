@@ -132,6 +132,24 @@ def widen_pipe(stream):
         pass
 
 
+def _watchdog(proc, timeout, label, log):
+    """Start a timer that kills ``proc``'s whole tree after ``timeout`` s (none for 0/None). Returns (timer or
+    None, fired: a list that gets True once it has fired). A timer, not ``wait(timeout=)``: that polls with
+    sleeps of up to 50 ms, so every command would be seen ending late."""
+    fired = []
+
+    def on_timeout():
+        fired.append(True)
+        log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
+        _kill_tree(proc)
+
+    timer = threading.Timer(timeout, on_timeout) if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    return timer, fired
+
+
 def _copy_into(source, stream):
     try:
         while True:
@@ -261,18 +279,7 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
         feeder = threading.Thread(target=_feed, args=(proc.stdin, stdin_data))
         feeder.daemon = True
         feeder.start()
-    fired = []
-
-    def on_timeout():
-        fired.append(True)
-        log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
-        _kill_tree(proc)
-
-    # A timer, not wait(timeout=): that polls with sleeps of up to 50 ms, and each command would end late.
-    timer = threading.Timer(timeout, on_timeout) if timeout else None
-    if timer:
-        timer.daemon = True
-        timer.start()
+    timer, fired = _watchdog(proc, timeout, label, log)
     try:
         proc.wait()
     except BaseException:
@@ -282,7 +289,7 @@ def run(argv, env, timeout=None, secrets=(), ok_codes=(0,), cwd=None, log=None, 
     finally:
         if timer:
             timer.cancel()
-    if fired and timer:
+    if fired:
         timer.join()  # the kill of the whole tree is finished before we report it
     timed_out = bool(fired)
     for thread in pumps:
@@ -329,16 +336,7 @@ def read_stream(argv, env, consume, timeout=None, secrets=(), what=None, log=Non
         feeder = threading.Thread(target=_copy_into, args=(feed, proc.stdin))
         feeder.daemon = True
         feeder.start()
-    fired = []
-
-    def on_timeout():
-        fired.append(True)
-        log.error("%s: still running after %s s, stopping it and every process it started", label, timeout)
-        _kill_tree(proc)
-
-    timer = threading.Timer(timeout, on_timeout) if timeout else None
-    if timer:
-        timer.start()
+    timer, fired = _watchdog(proc, timeout, label, log)
     try:
         result = consume(proc.stdout)
         proc.stdout.read()  # drain, so the producer is not killed by SIGPIPE after a short consumer

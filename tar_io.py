@@ -70,9 +70,9 @@ class ForwardReader:
             raise OSError("cannot seek backwards in a tar stream (to %d from %d)" % (pos, self._pos))
         if self._pipe_fd is not None:
             self._splice_to(pos)
-        if self._skip_buffer is None:
-            self._skip_buffer = memoryview(bytearray(BUFSIZE))
         while self._pos < pos:
+            if self._skip_buffer is None:
+                self._skip_buffer = memoryview(bytearray(BUFSIZE))
             count = self._raw.readinto(self._skip_buffer[:min(BUFSIZE, pos - self._pos)])
             if not count:
                 break  # the read that follows finds the end of the data
@@ -195,17 +195,8 @@ def scan_while_written(path, wanted, finished, poll=0.05):
             return None
         finished.wait(poll)
     source = GrowingFile(path, finished, poll)
-    result = {"sizes": {}, "contents": {}}
-
-    def visit(member, archive):
-        if member.isfile():
-            name = clean_name(member.name)
-            result["sizes"][name] = member.size
-            if name in wanted:
-                result["contents"][name] = archive.extractfile(member).read()
-
     try:
-        walk(path, visit, source=source)
+        found = scan(path, wanted, source)
         # Drain what the tar's end-of-archive padding left, then make sure we read the whole final file.
         while source.read(BUFSIZE):
             pass
@@ -217,7 +208,7 @@ def scan_while_written(path, wanted, finished, poll=0.05):
         source.close()
     if source.bytes_read != os.path.getsize(path):
         return None
-    return result["sizes"], result["contents"]
+    return found
 
 
 def scan(path, wanted=(), source=None):
