@@ -164,7 +164,8 @@ def machine_line(result):
     server = (result.get("basebackup_plan") or {}).get("server_num")
     tools = "; ".join("%s" % machine[t] for t in ("rsync", "cp", "tar", "zstd", "btrfs") if machine.get(t))
     return ("Machine: %s cores (%s), %.0f GB RAM, kernel %s, %s on %s; PostgreSQL %s; Python %s; %s" % (
-        machine.get("nproc"), machine.get("cpu"), (machine.get("memory_bytes") or 0) / 2 ** 30,
+        machine.get("nproc"), ", ".join(filter(None, (machine.get("cpu"), machine.get("cpu_detail")))),
+        (machine.get("memory_bytes") or 0) / 2 ** 30,
         machine.get("kernel"), machine.get("workdir_fs"), machine.get("workdir"),
         "%d.%d" % (server // 10000, server % 10000) if server else "?", machine.get("python"), tools))
 

@@ -89,8 +89,14 @@ def machine_info(workdir):
         with open("/proc/meminfo", encoding="utf-8") as handle:
             info["memory_bytes"] = int(handle.readline().split()[1]) * 1024
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
-                               None)
+            cpuinfo = dict(line.split(":", 1) for line in handle.read().split("\n\n")[0].splitlines() if ":" in line)
+        cpuinfo = {key.strip(): value.strip() for key, value in cpuinfo.items()}
+        info["cpu"] = cpuinfo.get("model name")
+        # A VM's model name is often just the vendor's ("AMD EPYC"): family, model and clock tell machines of
+        # one kind apart in bench/RESULTS.md.
+        info["cpu_detail"] = "family %s model %s stepping %s, %.0f MHz" % (
+            cpuinfo.get("cpu family"), cpuinfo.get("model"), cpuinfo.get("stepping"),
+            float(cpuinfo.get("cpu MHz") or 0))
     except (OSError, ValueError, IndexError):
         pass
     for tool, argv in (("rsync", ["rsync", "--version"]), ("tar", ["tar", "--version"]),
