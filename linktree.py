@@ -38,8 +38,9 @@ import linktree_ops
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
 ADAPT_WINDOW_S = 0.25
-ADAPT_GAIN = 1.1
-ADAPT_LIMIT = max(2, min(16, 4 * (os.cpu_count() or 1)))
+ADAPT_SAMPLE_S = 0.01
+ADAPT_DISK_WAIT = 0.1  # threads in state D, on average over a window, that earn one more thread
+ADAPT_LIMIT = max(2, min(16, 2 * (os.cpu_count() or 1)))
 
 
 class LinkTreeError(Exception):
@@ -152,17 +153,36 @@ def _walk(job, item):
     return stats, dir_attrs
 
 
+def _waiting_for_disk(threads):
+    """How many of ``threads`` are in uninterruptible sleep (state D: waiting for the disk) right now, read
+    from /proc/self/task; None where that cannot be read (not Linux)."""
+    waiting = 0
+    for thread in threads:
+        try:
+            with open("/proc/self/task/%d/stat" % thread.native_id, "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError, TypeError):
+            if thread.is_alive():
+                return None
+            continue
+        waiting += state == b"D"
+    return waiting
+
+
 def _measured_workers(job, items):
-    """Walk ``items`` with as many threads as measurably help: one per CPU core to begin with, then one more
-    after each ADAPT_WINDOW_S window in which the directories done per second rose by ADAPT_GAIN over the
-    best so far, up to ADAPT_LIMIT. Measured on 2 cores: a cold cache wants 3-4 threads (requests in
-    flight), a warm one 2 (the work is system calls on shared kernel locks); a fixed count loses one or
-    the other. Returns ([(Stats, dir_attrs)], threads used); raises what a worker raised."""
+    """Walk ``items`` with as many threads as measurably help: one per CPU core to begin with; then, after
+    each ADAPT_WINDOW_S window in which the threads were found waiting for the disk (state D, sampled every
+    ADAPT_SAMPLE_S) ADAPT_DISK_WAIT threads or more on average, one more, up to ADAPT_LIMIT. Measured on 2
+    cores (bench/RESULTS.md): a cold cache has ~0.3-0.4 of 2 threads in D and wants 3-4 (requests in
+    flight: 0.8x the time of 2); a warm one ~0.01 and wants 2 (4 took 1.15-1.2x the time of 2: system calls
+    on shared kernel locks). A fixed count loses one or the other; so did the rate of directories done per
+    window, too noisy over the few windows of a warm night. Returns ([(Stats, dir_attrs)], threads used);
+    raises what a worker raised."""
     pending = collections.deque(items)  # popleft is atomic: the workers share it without a lock
-    results, errors, counters, threads = [], [], [], []
+    results, errors, threads = [], [], []
     finished, lock = threading.Event(), threading.Lock()
 
-    def work(counter):
+    def work():
         stats, dir_attrs = Stats(job.resume), []
         try:
             while not errors:
@@ -172,7 +192,6 @@ def _measured_workers(job, items):
                     break
                 while stack:
                     stack.extend(_process(job, stats, stack.pop(), dir_attrs))
-                    counter[0] += 1
         except BaseException as exc:  # raised again by the caller's thread
             errors.append(exc)
         with lock:
@@ -181,24 +200,25 @@ def _measured_workers(job, items):
                 finished.set()
 
     def add():
-        counter = [0]
-        counters.append(counter)
         with lock:
-            threads.append(threading.Thread(target=work, args=(counter,), name="linktree", daemon=True))
+            threads.append(threading.Thread(target=work, name="linktree", daemon=True))
         threads[-1].start()
 
     for _ in range(min(len(items), max(1, os.cpu_count() or 1))):
         add()
-    best, growing, done_before, since = None, True, 0, time.monotonic()
-    while threads and not finished.wait(ADAPT_WINDOW_S):
-        now, done = time.monotonic(), sum(c[0] for c in counters)
-        rate, done_before, since = (done - done_before) / max(now - since, 1e-6), done, now
-        if growing and pending and len(threads) < ADAPT_LIMIT:
-            if best is None or rate > best * ADAPT_GAIN:
-                best = rate
-                add()
-            else:
-                growing = False
+    waited = samples = 0
+    window_ends = time.monotonic() + ADAPT_WINDOW_S
+    while threads and not finished.wait(ADAPT_SAMPLE_S):
+        in_d = _waiting_for_disk(list(threads))
+        if in_d is None:  # cannot tell: stay at one thread per core
+            break
+        waited, samples = waited + in_d, samples + 1
+        if time.monotonic() >= window_ends:
+            if waited < ADAPT_DISK_WAIT * samples or not pending or len(threads) >= ADAPT_LIMIT:
+                break  # settled
+            add()
+            waited = samples = 0
+            window_ends = time.monotonic() + ADAPT_WINDOW_S
     for thread in threads:
         thread.join()
     if errors:

@@ -163,3 +163,45 @@ def test_unreadable_file_fails_naming_it(tmp_path):
     os.mkdir(dest)
     with pytest.raises(linktree.LinkTreeError, match="unreadable.bin"):
         linktree.snapshot(src, dest, None)
+
+
+def test_a_sleeping_thread_is_not_waiting_for_the_disk_and_a_finished_one_is_skipped():
+    import threading
+
+    release = threading.Event()
+    sleeper = threading.Thread(target=release.wait)
+    done = threading.Thread(target=lambda: None)
+    sleeper.start()
+    done.start()
+    done.join()
+    try:
+        assert linktree._waiting_for_disk([sleeper, done]) == 0
+    finally:
+        release.set()
+        sleeper.join()
+
+
+def _slow_tree(root, dirs=40):
+    for i in range(dirs):
+        write(os.path.join(root, "2024/%d/%d/x.bin" % (i % 4 + 1, i)), b"x", mtime=1_600_000_000)
+
+
+@pytest.mark.parametrize("in_d, expected", [(0, None), (1, linktree.ADAPT_LIMIT)])
+def test_threads_are_added_only_while_they_wait_for_the_disk(tmp_path, monkeypatch, in_d, expected):
+    """Threads waiting for the disk (state D) earn more threads, up to the limit; busy ones (a warm cache) do
+    not: the count stays at one per core. The walk is slowed so that it spans several windows."""
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    _slow_tree(src)
+    os.mkdir(dest)
+    real_process = linktree._process
+
+    def slow_process(*args):
+        time.sleep(0.05)
+        return real_process(*args)
+
+    monkeypatch.setattr(linktree, "_process", slow_process)
+    monkeypatch.setattr(linktree, "_waiting_for_disk", lambda threads: in_d * len(threads))
+    monkeypatch.setattr(linktree, "ADAPT_WINDOW_S", 0.05)
+    stats = linktree.snapshot(src, dest)
+    assert stats.workers == (expected or min(os.cpu_count() or 1, 4))
+    assert stats.files == 40
