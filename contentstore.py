@@ -90,7 +90,7 @@ def choose_method(configured, previous_exists, on_btrfs=False):
 
 def worker_count(configured):
     """CONTENTSTORE_PARALLEL ``configured`` as the engines take it (pure): the number when > 0, else None:
-    the in-process engine measures how many threads help (linktree._measured_workers) and the first copy
+    the in-process engine chooses its threads (linktree._measured_workers) and the first copy
     runs :func:`rsync_count` rsyncs."""
     return configured if configured > 0 else None
 

@@ -57,7 +57,7 @@ class ContentstoreScenarios:
                         bytes_copied=info.get("bytes_copied"), stage_duration_s=info.get("duration_s"),
                         compare=info.get("compare"), dirs_trusted=info.get("dirs_trusted"),
                         dirs_compared=info.get("dirs_compared"), name=info.get("name"),
-                        steps=result.get("steps"), **facts)
+                        workers=info.get("workers"), steps=result.get("steps"), **facts)
 
     def wait_until_old(self, written_at, margin):
         """Sleep until the dataset's directories are ``margin`` s older than now, as a real store's are:
@@ -181,6 +181,22 @@ class ContentstoreScenarios:
         for index, (previous, bare_dest, scenario) in enumerate(deletes):
             self.retention_delete(index, previous, bare_dest, scenario)
         self.clean_extras()
+        self.note_threads(("snapshot_1pct", "snapshot_nochange"))
+
+    def note_threads(self, ops):
+        """A note of the threads the nightly engine chose in each sample of ``ops`` (CONTENTSTORE_PARALLEL=0
+        lets it decide: the numbers tell whether it added threads on a cold cache and kept one per core on
+        a warm one)."""
+        parts = []
+        for op in ops:
+            for cold in (True, False):
+                chosen = [str(s.get("workers") or "?") for s in self.samples.get(op, [])
+                          if s["side"] == "ours" and s["cold"] == cold]
+                if chosen:
+                    parts.append("%s, %s cache: %s" % (op, "cold" if cold else "warm", " / ".join(chosen)))
+        if parts:
+            self.notes.append("threads the nightly engine chose (%d cores): %s" % (os.cpu_count() or 1,
+                                                                                  "; ".join(parts)))
 
     # ---- the same on btrfs ------------------------------------------------------------------------------
     def btrfs_nights(self, runs, new_files, first_new_day, seed):
