@@ -210,12 +210,17 @@ class Bench(snapshots.ContentstoreScenarios):
 
     # ---- restore drill ----------------------------------------------------------------------------------
     def drill_backup(self):
-        """The base backup the drill restores: the newest DONE one (from backup.py), else a fresh one of ours."""
+        """The base backup the drill restores: the newest DONE one (from backup.py's nights), else the one of
+        a night of ``backup.py`` run now, untimed (``--only restore``: the stage alone leaves its backup
+        WAITING_FOR_WAL, which restore.py rightly refuses). Raises BenchError when that night fails."""
         done = catalog.done_backups(self.sb.backup_dir, "postgres")
-        if done:
-            return done[-1].path
-        info = self.worker("base_backup", self.new_name("postgres"))["info"]
-        return os.path.join(catalog.kind_dir(self.sb.backup_dir, "postgres"), info["name"])
+        if not done:
+            proc = self.sb.run_cli("backup.py", env_path=self.env_path, timeout=7200)
+            done = catalog.done_backups(self.sb.backup_dir, "postgres")
+            if not done:
+                raise BenchError("backup.py made no complete base backup for the drill (exit %d):\n%s%s" % (
+                    proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+        return done[-1].path
 
     def restore_drill(self, runs):
         """Per run, in turns: the drill (``restore.py verify``), ``restore.py postgres --immediate --start``
