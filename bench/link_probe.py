@@ -9,13 +9,15 @@ like a contentstore (``Y/M/D/H/M/<name>.bin``, 6 small files per minute bucket),
 * the same work split over 2 and 3 ``cp -al`` processes (the months shared out, one directory per year made
   first);
 * :func:`linktree.snapshot` with every directory trusted (the nightly path), its own worker rule and 2 threads;
+* linktree with one thread in each of 2 and 3 forked processes (the months shared out);
 * the walk alone: ``lstat`` of every source directory and its twin in the previous snapshot (what deciding
   that a whole subtree is unchanged costs).
 
 ``--cold`` drops the page cache before every sample (root only). It prints the machine and each median with
 its ratio to one ``cp -al``. Every tree stays until the end, as in the benchmark (deleting between samples
 made the samples pay for the deletes' write-back). Measured on machine E (bench/RESULTS.md): two processes
-took 0.56-0.59x of one ``cp -al``, warm and cold; linktree's threads 0.85-0.86x.
+took 0.40-0.75x of one ``cp -al``, linktree's threads 0.77-1.06x, linktree in 2 processes 0.56x warm and
+0.83x cold.
 """
 
 import argparse
@@ -79,6 +81,32 @@ def parallel_cp(previous, dest, processes):
         raise RuntimeError("cp -al failed")
 
 
+def linktree_processes(src, previous, dest, processes, trust_before_ns):
+    """linktree with one thread in each of ``processes`` forked processes, the months shared out as in
+    :func:`parallel_cp` (each month's directory made by the parent first, as the engine makes them)."""
+    months = []
+    for year in sorted(os.listdir(previous)):
+        os.mkdir(os.path.join(dest, year), 0o700)
+        for month in sorted(os.listdir(os.path.join(previous, year))):
+            os.mkdir(os.path.join(dest, year, month), 0o700)
+            months.append(os.path.join(year, month))
+    children = []
+    for share in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                for rel in months[share::processes]:
+                    linktree.snapshot(os.path.join(src, rel), os.path.join(dest, rel), os.path.join(previous, rel),
+                                      workers=1, trust_before_ns=trust_before_ns)
+            except BaseException:  # noqa: B036  (a child must never return into the parent's code)
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    if any(os.waitpid(pid, 0)[1] != 0 for pid in children):
+        raise RuntimeError("a linktree process failed")
+
+
 def walk_dirs(src, previous):
     """lstat every directory of ``src`` and of its twin under ``previous``; list only non-leaf ones."""
     stack, seen = [(src.encode(), previous.encode())], 0
@@ -117,6 +145,8 @@ def main(argv=None):
             "linktree, its rule": lambda d: linktree.snapshot(src, d, previous, trust_before_ns=trust_before_ns),
             "linktree, 2 threads": lambda d: linktree.snapshot(src, d, previous, workers=2,
                                                                trust_before_ns=trust_before_ns),
+            "linktree, 2 processes": lambda d: linktree_processes(src, previous, d, 2, trust_before_ns),
+            "linktree, 3 processes": lambda d: linktree_processes(src, previous, d, 3, trust_before_ns),
             "walk of the directories": lambda d: walk_dirs(src, previous),
         }
         if not args.cold:
