@@ -35,7 +35,10 @@ sys.path.insert(0, PROJECT_DIR)
 sys.path.insert(0, os.path.join(PROJECT_DIR, "bench"))
 
 import linktree  # noqa: E402
+import measure  # noqa: E402  (bench/measure.py: drop_caches)
+import report  # noqa: E402  (bench/report.py: machine_line)
 import run  # noqa: E402  (bench/run.py: machine_info)
+from snapshots import order_of, warm_up  # noqa: E402
 
 
 def build_tree(src, files, seed=1):
@@ -59,15 +62,23 @@ def build_tree(src, files, seed=1):
     return written
 
 
+def month_dirs(previous, dest):
+    """Make ``dest``'s year directories; returns the months of ``previous`` as [(year, month)], in order."""
+    months = []
+    for year in sorted(os.listdir(previous)):
+        os.mkdir(os.path.join(dest, year), 0o700)
+        months += [(year, month) for month in sorted(os.listdir(os.path.join(previous, year)))]
+    return months
+
+
 def parallel_cp(previous, dest, processes):
     """``cp -al`` of ``previous`` into ``dest`` by ``processes`` processes at once, the months shared out."""
-    os.mkdir(dest)
+    months = month_dirs(previous, dest)
     jobs = []
-    for year in sorted(os.listdir(previous)):
-        os.mkdir(os.path.join(dest, year))
-        months = sorted(os.listdir(os.path.join(previous, year)))
+    for year in sorted({year for year, _month in months}):
+        in_year = [m for y, m in months if y == year]
         for share in range(processes):
-            part = months[share::processes]
+            part = in_year[share::processes]
             if part:
                 jobs.append(["cp", "-al"] + [os.path.join(previous, year, m) for m in part]
                             + [os.path.join(dest, year)])
@@ -84,12 +95,9 @@ def parallel_cp(previous, dest, processes):
 def linktree_processes(src, previous, dest, processes, trust_before_ns):
     """linktree with one thread in each of ``processes`` forked processes, the months shared out as in
     :func:`parallel_cp` (each month's directory made by the parent first, as the engine makes them)."""
-    months = []
-    for year in sorted(os.listdir(previous)):
-        os.mkdir(os.path.join(dest, year), 0o700)
-        for month in sorted(os.listdir(os.path.join(previous, year))):
-            os.mkdir(os.path.join(dest, year, month), 0o700)
-            months.append(os.path.join(year, month))
+    months = [os.path.join(year, month) for year, month in month_dirs(previous, dest)]
+    for rel in months:
+        os.mkdir(os.path.join(dest, rel), 0o700)
     children = []
     for share in range(processes):
         pid = os.fork()
@@ -134,12 +142,10 @@ def main(argv=None):
         count = build_tree(src, args.files)
         subprocess.run(["cp", "-al", src, previous], check=True)
         trust_before_ns = time.time_ns()
-        info = run.machine_info(args.workdir)
-        print("machine: %s cores (%s, %s), kernel %s, %s; %s; %d files, %s cache" % (
-            info.get("nproc"), info.get("cpu"), info.get("cpu_detail"), info.get("kernel"), info.get("workdir_fs"),
-            info.get("cp"), count, "cold" if args.cold else "warm"))
+        print("%s\n%d files, %s cache" % (report.machine_line({"machine": run.machine_info(args.workdir)}), count,
+                                           "cold" if args.cold else "warm"))
         sides = {
-            "cp -al, 1 process": lambda d: subprocess.run(["cp", "-al", previous, d], check=True),
+            "cp -al, 1 process": lambda d: subprocess.run(["cp", "-al", previous + "/.", d], check=True),
             "cp -al, 2 processes": lambda d: parallel_cp(previous, d, 2),
             "cp -al, 3 processes": lambda d: parallel_cp(previous, d, 3),
             "linktree, its rule": lambda d: linktree.snapshot(src, d, previous, trust_before_ns=trust_before_ns),
@@ -150,20 +156,17 @@ def main(argv=None):
             "walk of the directories": lambda d: walk_dirs(src, previous),
         }
         if not args.cold:
-            walk_dirs(src, previous)
-            subprocess.run(["find", src, previous, "-printf", ""], check=True)
+            warm_up(src, previous)
         samples = {name: [] for name in sides}
         for sample in range(args.runs):
-            names = list(sides)
-            names = names[sample % len(names):] + names[:sample % len(names)]
-            for index, name in enumerate(names):
+            for index, name in enumerate(order_of(list(sides), sample)):
                 dest = os.path.join(root, "dest-%d-%d" % (sample, index))
-                if name.startswith("linktree"):
+                if name != "walk of the directories":
                     os.mkdir(dest, 0o700)
-                os.sync()
                 if args.cold:
-                    with open("/proc/sys/vm/drop_caches", "w") as handle:
-                        handle.write("3\n")
+                    measure.drop_caches()  # syncs first
+                else:
+                    os.sync()
                 started = time.monotonic()
                 sides[name](dest)
                 samples[name].append(time.monotonic() - started)
