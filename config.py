@@ -42,9 +42,9 @@ OPTIONS = [
      "in-process hardlink engine (linktree) nightly; rsync, linktree, btrfs: that engine (linktree and btrfs "
      "still make the first copy with rsync)", False),
     ("CONTENTSTORE_PARALLEL", "int", "0", False,
-     "Threads of the nightly contentstore snapshot and rsyncs of the first copy; 0: automatic (threads: one "
-     "per CPU core, more -- up to two per core -- while they wait for the disk; rsyncs: two per core, "
-     "at most 8)", False),
+     "Worker processes of the nightly contentstore snapshot and rsyncs of the first copy; 0: automatic "
+     "(workers: one per CPU core, more -- up to two per core -- while they wait for the disk; rsyncs: two "
+     "per core, at most 8)", False),
     ("CONTENTSTORE_FULL_COMPARE_DAYS", "int", "7", False,
      "Nightly, only directories changed since the previous snapshot are compared file by file; every this "
      "many days all files are (0: every night)", False),

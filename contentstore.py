@@ -8,7 +8,7 @@ never a link base.
 
 Two engines give the same tree: ``rsync -a --link-dest`` (the first copy, and always with
 ``CONTENTSTORE_METHOD=rsync``) and :mod:`linktree` (nightly, when a previous snapshot exists: the same
-size+mtime quick check in-process, with ``CONTENTSTORE_PARALLEL`` threads, faster than rsync).
+size+mtime quick check in Python, in ``CONTENTSTORE_PARALLEL`` forked worker processes, faster than rsync).
 
 Nightly, :mod:`linktree` compares file by file only in the directories that changed since the previous
 snapshot (:func:`compare_plan`): Alfresco adds content to the current minute's directory and never
@@ -90,7 +90,7 @@ def choose_method(configured, previous_exists, on_btrfs=False):
 
 def worker_count(configured):
     """CONTENTSTORE_PARALLEL ``configured`` as the engines take it (pure): the number when > 0, else None:
-    the in-process engine chooses its threads (linktree._measured_workers) and the first copy
+    the in-process engine chooses its worker processes (linktree_workers.walk) and the first copy
     runs :func:`rsync_count` rsyncs."""
     return configured if configured > 0 else None
 

@@ -21,26 +21,20 @@ is brought up to date: unchanged files stay, changed ones are replaced, vanished
 directories are then not even listed when the source's file system counts subdirectories in the link
 count (a leaf directory has ``st_nlink == 2``): the cost is one stat per directory plus the changes.
 
-Subtrees (years, then months, ...) are shared out to ``workers`` threads: link(2), stat(2) and copy
-syscalls release the GIL, and several requests in flight help a cold disk. This module decides, per
+Subtrees (years, then months, ...) are shared out to ``workers`` forked worker processes: the per-file work
+is Python's, so threads of one interpreter barely add up, and several requests in flight help a cold disk;
+each worker sets the attributes of the directories it filled and sends its counters back. This module decides, per
 directory, what is done; :mod:`linktree_ops` does it to the entries.
 """
 
-import collections
 import os
 import stat
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import filesystems
 import linktree_ops
+import linktree_workers
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
-ADAPT_WINDOW_S = 0.25
-ADAPT_SAMPLE_S = 0.01
-ADAPT_DISK_WAIT = 0.1  # threads in state D, on average over a window, that earn one more thread
-ADAPT_LIMIT = max(2, min(16, 2 * (os.cpu_count() or 1)))
 
 
 class LinkTreeError(Exception):
@@ -55,7 +49,7 @@ class Stats:
 
     def __init__(self, resume=False):
         self.resume = resume
-        self.workers = None  # threads used, when the engine chose
+        self.workers = None  # worker processes used
         for name in self.FIELDS:
             setattr(self, name, 0)
         self.warnings = []
@@ -144,86 +138,22 @@ def _process(job, stats, item, dir_attrs):
     return children
 
 
-def _walk(job, item):
-    """Depth-first over one subtree; returns (Stats, dir_attrs)."""
-    stats, dir_attrs = Stats(job.resume), []
+def _walk_into(job, state, item):
+    """Depth-first over the subtree ``item``, counting into ``state``, a pair (Stats, dir_attrs)."""
+    stats, dir_attrs = state
     stack = [item]
     while stack:
+        if linktree_workers.orphaned():
+            raise linktree_workers.WorkerError("the backup run that started this worker is gone")
         stack.extend(_process(job, stats, stack.pop(), dir_attrs))
-    return stats, dir_attrs
 
 
-def _waiting_for_disk(threads):
-    """How many of ``threads`` are in uninterruptible sleep (state D: waiting for the disk) right now, read
-    from /proc/self/task; None where that cannot be read (not Linux)."""
-    waiting = 0
-    for thread in threads:
-        try:
-            with open("/proc/self/task/%d/stat" % thread.native_id, "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError, TypeError):
-            if thread.is_alive():
-                return None
-            continue
-        waiting += state == b"D"
-    return waiting
-
-
-def _measured_workers(job, items):
-    """Walk ``items`` with as many threads as measurably help: one per CPU core to begin with; then, after
-    each ADAPT_WINDOW_S window in which the threads were found waiting for the disk (state D, sampled every
-    ADAPT_SAMPLE_S) ADAPT_DISK_WAIT threads or more on average, one more, up to ADAPT_LIMIT. Measured on 2
-    cores (bench/RESULTS.md): a cold cache has ~0.3-0.4 of 2 threads in D and wants 3-4 (requests in
-    flight: 0.8x the time of 2); a warm one ~0.01 and wants 2 (4 took 1.15-1.2x the time of 2: system calls
-    on shared kernel locks). A fixed count loses one or the other; so did the rate of directories done per
-    window, too noisy over the few windows of a warm night. Returns ([(Stats, dir_attrs)], threads used);
-    raises what a worker raised."""
-    pending = collections.deque(items)  # popleft is atomic: the workers share it without a lock
-    results, errors, threads = [], [], []
-    finished, lock = threading.Event(), threading.Lock()
-
-    def work():
-        stats, dir_attrs = Stats(job.resume), []
-        try:
-            while not errors:
-                try:
-                    stack = [pending.popleft()]
-                except IndexError:
-                    break
-                while stack:
-                    stack.extend(_process(job, stats, stack.pop(), dir_attrs))
-        except BaseException as exc:  # raised again by the caller's thread
-            errors.append(exc)
-        with lock:
-            results.append((stats, dir_attrs))
-            if len(results) == len(threads):
-                finished.set()
-
-    def add():
-        with lock:
-            threads.append(threading.Thread(target=work, name="linktree", daemon=True))
-        threads[-1].start()
-
-    for _ in range(min(len(items), max(1, os.cpu_count() or 1))):
-        add()
-    waited = samples = 0
-    window_ends = time.monotonic() + ADAPT_WINDOW_S
-    while threads and not finished.wait(ADAPT_SAMPLE_S):
-        in_d = _waiting_for_disk(list(threads))
-        if in_d is None:  # cannot tell: stay at one thread per core
-            break
-        waited, samples = waited + in_d, samples + 1
-        if time.monotonic() >= window_ends:
-            if waited < ADAPT_DISK_WAIT * samples or not pending or len(threads) >= ADAPT_LIMIT:
-                break  # settled
-            add()
-            waited = samples = 0
-            window_ends = time.monotonic() + ADAPT_WINDOW_S
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results, len(threads)
+def _finish_worker(state):
+    """A worker process's last step: the directories it filled all lie inside its own subtrees, so they are
+    complete now and get their attributes here, in parallel with the other workers; returns its Stats."""
+    stats, dir_attrs = state
+    _apply_dir_attrs(dir_attrs, os.geteuid() == 0)
+    return stats
 
 
 def _apply_dir_attrs(dir_attrs, as_root):
@@ -244,8 +174,9 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
     is older than this (ns since the epoch; see the module docstring); None compares every file.
     ``in_place``: ``dest`` is the previous state, updated in place (``previous`` is ignored); then
     ``delta_files``/``delta_bytes`` of the result say how the regular files changed in number and bytes.
-    ``workers``: threads (>= 1), or None: as many as measurably help (:func:`_measured_workers`; the
-    number is in the result's ``workers``). Returns :class:`Stats`. Raises LinkTreeError naming the path.
+    ``workers``: worker processes (1: none, all in this process), or None: as many as measurably help
+    (:func:`linktree_workers.walk`; the number is in the result's ``workers``). Returns :class:`Stats`.
+    Raises LinkTreeError naming the path.
     """
     src, dst = os.fsencode(source), os.fsencode(dest)
     prev = dst if in_place else (os.fsencode(previous) if previous else None)
@@ -261,7 +192,7 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
         if in_place:
             items = [(s, d, d, st) for s, _p, d, st in items]
         depth = 1
-        while items and len(items) < 4 * (workers or ADAPT_LIMIT) and depth < _FAN_OUT_DEPTH:
+        while items and len(items) < 4 * (workers or linktree_workers.ADAPT_LIMIT) and depth < _FAN_OUT_DEPTH:
             deeper = []
             for item in items:
                 deeper.extend(_process(job, stats, item, dir_attrs))
@@ -269,19 +200,22 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
         # Newest subtrees first: new content lands in the newest time bucket, so the subtree that copies
         # data starts at once and overlaps the others' links instead of running alone at the end.
         items.sort(key=lambda item: item[3].st_mtime_ns, reverse=True)
-        if workers is None:
-            results, stats.workers = _measured_workers(job, items)
-        elif workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(lambda item: _walk(job, item), items))
+        if workers == 1 or len(items) < 2:
+            state = (Stats(job.resume), dir_attrs)
+            for item in items:
+                _walk_into(job, state, item)
+            parts, stats.workers = [state[0]], 1
         else:
-            results = [_walk(job, item) for item in items]
-        for part, attrs in results:
+            parts, stats.workers = linktree_workers.walk(
+                items, workers, lambda: (Stats(job.resume), []),
+                lambda state, item: _walk_into(job, state, item), _finish_worker)
+        for part in parts:
             stats.merge(part)
-            dir_attrs.extend(attrs)
         _apply_dir_attrs(dir_attrs, job.as_root)
         os.utime(dst, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
     except OSError as exc:
         name = os.fsdecode(exc.filename) if exc.filename else source
         raise LinkTreeError("%s: %s" % (name, exc.strerror or exc))
+    except linktree_workers.WorkerError as exc:
+        raise LinkTreeError("%s: %s" % (source, exc))
     return stats

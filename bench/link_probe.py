@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A probe, not a benchmark row: how fast can this machine hard-link a snapshot, by processes or by threads?
+"""A probe, not a benchmark row: how fast can this machine hard-link a snapshot, by one process or several?
 
 ``python bench/link_probe.py [--files N] [--runs R] [--workdir DIR] [--cold]`` builds a synthetic tree shaped
 like a contentstore (``Y/M/D/H/M/<name>.bin``, 6 small files per minute bucket), a previous snapshot of it
@@ -8,16 +8,18 @@ like a contentstore (``Y/M/D/H/M/<name>.bin``, 6 small files per minute bucket),
 * ``cp -al`` of the previous snapshot (the floor of bench/RESULTS.md), one process;
 * the same work split over 2 and 3 ``cp -al`` processes (the months shared out, one directory per year made
   first);
-* :func:`linktree.snapshot` with every directory trusted (the nightly path), its own worker rule and 2 threads;
-* linktree with one thread in each of 2 and 3 forked processes (the months shared out);
+* :func:`linktree.snapshot` with every directory trusted (the nightly path): its own worker rule, 1 process
+  (``workers=1``) and 2 worker processes;
+* linktree with ``workers=1`` in each of 2 and 3 processes forked here, the months shared out statically (the
+  experiment that led to the engine's worker processes);
 * the walk alone: ``lstat`` of every source directory and its twin in the previous snapshot (what deciding
   that a whole subtree is unchanged costs).
 
 ``--cold`` drops the page cache before every sample (root only). It prints the machine and each median with
 its ratio to one ``cp -al``. Every tree stays until the end, as in the benchmark (deleting between samples
 made the samples pay for the deletes' write-back). Measured on machine E (bench/RESULTS.md): two processes
-took 0.40-0.75x of one ``cp -al``, linktree's threads 0.77-1.06x, linktree in 2 processes 0.56x warm and
-0.83x cold.
+took 0.40-0.75x of one ``cp -al``; linktree with threads (before its worker processes) 0.77-1.06x, with 2
+processes forked here 0.56x warm and 0.83x cold; with its worker processes 0.54x warm, 0.70x cold.
 """
 
 import argparse
@@ -149,10 +151,12 @@ def main(argv=None):
             "cp -al, 2 processes": lambda d: parallel_cp(previous, d, 2),
             "cp -al, 3 processes": lambda d: parallel_cp(previous, d, 3),
             "linktree, its rule": lambda d: linktree.snapshot(src, d, previous, trust_before_ns=trust_before_ns),
-            "linktree, 2 threads": lambda d: linktree.snapshot(src, d, previous, workers=2,
+            "linktree, workers=1": lambda d: linktree.snapshot(src, d, previous, workers=1,
                                                                trust_before_ns=trust_before_ns),
-            "linktree, 2 processes": lambda d: linktree_processes(src, previous, d, 2, trust_before_ns),
-            "linktree, 3 processes": lambda d: linktree_processes(src, previous, d, 3, trust_before_ns),
+            "linktree, workers=2": lambda d: linktree.snapshot(src, d, previous, workers=2,
+                                                               trust_before_ns=trust_before_ns),
+            "linktree, 2 forked here": lambda d: linktree_processes(src, previous, d, 2, trust_before_ns),
+            "linktree, 3 forked here": lambda d: linktree_processes(src, previous, d, 3, trust_before_ns),
             "walk of the directories": lambda d: walk_dirs(src, previous),
         }
         if not args.cold:

@@ -181,12 +181,12 @@ class ContentstoreScenarios:
         for index, (previous, bare_dest, scenario) in enumerate(deletes):
             self.retention_delete(index, previous, bare_dest, scenario)
         self.clean_extras()
-        self.note_threads(("snapshot_1pct", "snapshot_nochange"))
+        self.note_workers(("snapshot_1pct", "snapshot_nochange"))
 
-    def note_threads(self, ops):
-        """A note of the threads the nightly engine chose in each sample of ``ops`` (CONTENTSTORE_PARALLEL=0
-        lets it decide: the numbers tell whether it added threads on a cold cache and kept one per core on
-        a warm one)."""
+    def note_workers(self, ops):
+        """A note of the worker processes the nightly engine chose in each sample of ``ops``
+        (CONTENTSTORE_PARALLEL=0 lets it decide: the numbers tell whether it added workers on a cold cache and
+        kept one per core on a warm one)."""
         parts = []
         for op in ops:
             for cache in ("cold", "warm"):  # the scenario, as report.py groups the rows (not whether dropping worked)
@@ -195,7 +195,7 @@ class ContentstoreScenarios:
                 if chosen:
                     parts.append("%s, %s cache: %s" % (op, cache, " / ".join(chosen)))
         if parts:
-            self.notes.append("threads the nightly engine chose (%d cores): %s" % (os.cpu_count() or 1,
+            self.notes.append("worker processes the nightly engine chose (%d cores): %s" % (os.cpu_count() or 1,
                                                                                   "; ".join(parts)))
 
     # ---- the same on btrfs ------------------------------------------------------------------------------

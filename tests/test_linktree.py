@@ -7,6 +7,7 @@ import time
 
 import contentstore
 import linktree
+import linktree_workers
 import pytest
 
 ODD_NAMES = [b"with space.bin", b"new\nline.bin", b"-leading-dash.bin", b"caf\xe9-latin1.bin", b"\xff\xfe.bin",
@@ -165,20 +166,15 @@ def test_unreadable_file_fails_naming_it(tmp_path):
         linktree.snapshot(src, dest, None)
 
 
-def test_a_sleeping_thread_is_not_waiting_for_the_disk_and_a_finished_one_is_skipped():
-    import threading
-
-    release = threading.Event()
-    sleeper = threading.Thread(target=release.wait)
-    done = threading.Thread(target=lambda: None)
-    sleeper.start()
-    done.start()
-    done.join()
+def test_a_sleeping_process_is_not_waiting_for_the_disk_and_a_reaped_one_is_skipped():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    done = subprocess.Popen(["true"])
+    done.wait()
     try:
-        assert linktree._waiting_for_disk([sleeper, done]) == 0
+        assert linktree_workers.waiting_for_disk([sleeper.pid, done.pid]) == 0
     finally:
-        release.set()
-        sleeper.join()
+        sleeper.kill()
+        sleeper.wait()
 
 
 def _slow_tree(root, dirs=40):
@@ -186,10 +182,10 @@ def _slow_tree(root, dirs=40):
         write(os.path.join(root, "2024/%d/%d/x.bin" % (i % 4 + 1, i)), b"x", mtime=1_600_000_000)
 
 
-@pytest.mark.parametrize("in_d, expected", [(0, None), (1, linktree.ADAPT_LIMIT)])
-def test_threads_are_added_only_while_they_wait_for_the_disk(tmp_path, monkeypatch, in_d, expected):
-    """Threads waiting for the disk (state D) earn more threads, up to the limit; busy ones (a warm cache) do
-    not: the count stays at one per core. The walk is slowed so that it spans several windows."""
+@pytest.mark.parametrize("in_d, expected", [(0, None), (1, linktree_workers.ADAPT_LIMIT)])
+def test_workers_are_added_only_while_they_wait_for_the_disk(tmp_path, monkeypatch, in_d, expected):
+    """Worker processes waiting for the disk (state D) earn more workers, up to the limit; busy ones (a warm
+    cache) do not: the count stays at one per core. The walk is slowed so that it spans several windows."""
     src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
     _slow_tree(src)
     os.mkdir(dest)
@@ -200,8 +196,48 @@ def test_threads_are_added_only_while_they_wait_for_the_disk(tmp_path, monkeypat
         return real_process(*args)
 
     monkeypatch.setattr(linktree, "_process", slow_process)
-    monkeypatch.setattr(linktree, "_waiting_for_disk", lambda threads: in_d * len(threads))
-    monkeypatch.setattr(linktree, "ADAPT_WINDOW_S", 0.05)
+    monkeypatch.setattr(linktree_workers, "waiting_for_disk", lambda pids: in_d * len(pids))
+    monkeypatch.setattr(linktree_workers, "ADAPT_WINDOW_S", 0.05)
     stats = linktree.snapshot(src, dest)
     assert stats.workers == (expected or min(os.cpu_count() or 1, 4))
     assert stats.files == 40
+
+
+def _failing_in_workers(monkeypatch, fail):
+    """Make ``fail(item)`` run for every directory a worker process walks (not in the parent)."""
+    real_process = linktree._process
+
+    def process(job, stats, item, dir_attrs):
+        if linktree_workers._parent_pid is not None:
+            fail(item)
+        return real_process(job, stats, item, dir_attrs)
+
+    monkeypatch.setattr(linktree, "_process", process)
+
+
+def test_an_error_in_a_worker_process_fails_the_snapshot_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    _slow_tree(src)
+    os.mkdir(dest)
+
+    def fail(item):
+        raise OSError(errno.EIO, "Input/output error", item[0])
+
+    _failing_in_workers(monkeypatch, fail)
+    with pytest.raises(linktree.LinkTreeError, match=r"src/2024/\d+/\d+: Input/output error"):
+        linktree.snapshot(src, dest, workers=2)
+
+
+def test_a_killed_worker_process_fails_the_snapshot_and_leaves_no_process(tmp_path, monkeypatch):
+    import signal
+
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    _slow_tree(src)
+    os.mkdir(dest)
+    _failing_in_workers(monkeypatch, lambda item: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(linktree.LinkTreeError, match="ended without its result"):
+        linktree.snapshot(src, dest, workers=2)
+    with pytest.raises(ChildProcessError):  # every worker reaped
+        os.waitpid(-1, os.WNOHANG)
