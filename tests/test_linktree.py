@@ -3,6 +3,7 @@
 import hashlib
 import os
 import subprocess
+import sys
 import time
 
 import contentstore
@@ -237,7 +238,70 @@ def test_a_killed_worker_process_fails_the_snapshot_and_leaves_no_process(tmp_pa
     _slow_tree(src)
     os.mkdir(dest)
     _failing_in_workers(monkeypatch, lambda item: os.kill(os.getpid(), signal.SIGKILL))
+    before = _children()
     with pytest.raises(linktree.LinkTreeError, match="ended without its result"):
         linktree.snapshot(src, dest, workers=2)
-    with pytest.raises(ChildProcessError):  # every worker reaped
-        os.waitpid(-1, os.WNOHANG)
+    assert _children() == before  # every worker killed and reaped: no zombie, no orphan left writing
+
+
+def _children():
+    """The pids of this process's children (zombies included), from /proc."""
+    return {pid for pid in _pids() if _ppid(pid) == os.getpid()}
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import linktree
+real = linktree._process
+def slow(*args):
+    time.sleep(0.05)
+    return real(*args)
+linktree._process = slow
+linktree.snapshot(sys.argv[2], sys.argv[3], workers=2)
+"""
+
+
+def _alive(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_the_backup_run_is_killed(tmp_path):
+    """kill -9 of the run (a timeout, an admin): its worker processes must not go on writing into the partial
+    copy, which the next run resumes."""
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    _slow_tree(src, dirs=400)
+    os.mkdir(dest)
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, project, src, dest])
+    try:
+        deadline = time.monotonic() + 20
+        workers = set()
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = {pid for pid in _pids() if _ppid(pid) == run.pid}
+        assert len(workers) == 2, "the run did not start its 2 workers"
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return None
