@@ -21,10 +21,11 @@ is brought up to date: unchanged files stay, changed ones are replaced, vanished
 directories are then not even listed when the source's file system counts subdirectories in the link
 count (a leaf directory has ``st_nlink == 2``): the cost is one stat per directory plus the changes.
 
-Subtrees (years, then months, ...) are shared out to ``workers`` forked worker processes: the per-file work
-is Python's, so threads of one interpreter barely add up, and several requests in flight help a cold disk;
-each worker sets the attributes of the directories it filled and sends its counters back. This module decides, per
-directory, what is done; :mod:`linktree_ops` does it to the entries.
+Subtrees (years, then months, ...) are shared out to ``workers`` forked worker processes
+(:mod:`linktree_workers`): the per-file work is Python's, so threads of one interpreter barely add up, and
+several requests in flight help a cold disk; each worker sets the attributes of the directories it filled
+and sends its counters back. This module decides, per directory, what is done; :mod:`linktree_ops` does it
+to the entries.
 """
 
 import os
@@ -148,11 +149,11 @@ def _walk_into(job, state, item):
         stack.extend(_process(job, stats, stack.pop(), dir_attrs))
 
 
-def _finish_worker(state):
+def _finish_worker(job, state):
     """A worker process's last step: the directories it filled all lie inside its own subtrees, so they are
     complete now and get their attributes here, in parallel with the other workers; returns its Stats."""
     stats, dir_attrs = state
-    _apply_dir_attrs(dir_attrs, os.geteuid() == 0)
+    _apply_dir_attrs(dir_attrs, job.as_root)
     return stats
 
 
@@ -201,16 +202,15 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
         # data starts at once and overlaps the others' links instead of running alone at the end.
         items.sort(key=lambda item: item[3].st_mtime_ns, reverse=True)
         if workers == 1 or len(items) < 2:
-            state = (Stats(job.resume), dir_attrs)
             for item in items:
-                _walk_into(job, state, item)
-            parts, stats.workers = [state[0]], 1
+                _walk_into(job, (stats, dir_attrs), item)
+            stats.workers = 1
         else:
             parts, stats.workers = linktree_workers.walk(
                 items, workers, lambda: (Stats(job.resume), []),
-                lambda state, item: _walk_into(job, state, item), _finish_worker)
-        for part in parts:
-            stats.merge(part)
+                lambda state, item: _walk_into(job, state, item), lambda state: _finish_worker(job, state))
+            for part in parts:
+                stats.merge(part)
         _apply_dir_attrs(dir_attrs, job.as_root)
         os.utime(dst, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
     except OSError as exc:

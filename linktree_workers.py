@@ -8,7 +8,8 @@ count is measured while the walk runs (:func:`walk`).
 
 Each worker talks to the parent over two pipes of its own: it asks for the next item (b"N"), gets its index
 (-1: no more), and at the end sends what ``finish`` returned (b"R") or what it raised (b"E"), pickled. A
-worker whose parent dies stops at its next request (end of file) or its next item (:func:`orphaned`).
+worker whose parent dies stops at its next request (end of file), or sooner where ``walk_item`` asks
+:func:`orphaned` (linktree does at every directory).
 """
 
 import collections
@@ -79,12 +80,14 @@ def _receive(fd):
     return header[:1], _read_exact(fd, struct.unpack("<I", header[1:])[0])
 
 
-def _picklable(exc):
+def _pickled_error(exc):
+    """``exc`` pickled, or a WorkerError with its text where it does not survive a pickle round trip."""
     try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
     except Exception:
-        return WorkerError("%s: %s" % (type(exc).__name__, exc))
+        return pickle.dumps(WorkerError("%s: %s" % (type(exc).__name__, exc)))
 
 
 def _worker_body(items, down, up, new_state, walk_item, finish):
@@ -95,15 +98,15 @@ def _worker_body(items, down, up, new_state, walk_item, finish):
         while True:
             _send(up, b"N")
             answer = _read_exact(down, 4)
-            if len(answer) < 4 or orphaned():
-                return 1
+            if len(answer) < 4:
+                return 1  # end of file: the parent is gone
             index = struct.unpack("<i", answer)[0]
             if index < 0:
                 break
             walk_item(state, items[index])
         _send(up, b"R", pickle.dumps(finish(state)))
     except BaseException as exc:  # noqa: B036  (carried to the parent, which raises it)
-        _send(up, b"E", pickle.dumps(_picklable(exc)))
+        _send(up, b"E", _pickled_error(exc))
     return 0
 
 

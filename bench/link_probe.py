@@ -10,16 +10,15 @@ like a contentstore (``Y/M/D/H/M/<name>.bin``, 6 small files per minute bucket),
   first);
 * :func:`linktree.snapshot` with every directory trusted (the nightly path): its own worker rule, 1 process
   (``workers=1``) and 2 worker processes;
-* linktree with ``workers=1`` in each of 2 and 3 processes forked here, the months shared out statically (the
-  experiment that led to the engine's worker processes);
 * the walk alone: ``lstat`` of every source directory and its twin in the previous snapshot (what deciding
   that a whole subtree is unchanged costs).
 
 ``--cold`` drops the page cache before every sample (root only). It prints the machine and each median with
 its ratio to one ``cp -al``. Every tree stays until the end, as in the benchmark (deleting between samples
 made the samples pay for the deletes' write-back). Measured on machine E (bench/RESULTS.md): two processes
-took 0.40-0.75x of one ``cp -al``; linktree with threads (before its worker processes) 0.77-1.06x, with 2
-processes forked here 0.56x warm and 0.83x cold; with its worker processes 0.54x warm, 0.70x cold.
+took 0.40-0.75x of one ``cp -al``; linktree with threads (before its worker processes) 0.77-1.06x, with its
+worker processes 0.54x warm, 0.70x cold (linktree in 2 processes forked by hand, the experiment that led
+there, 0.56x / 0.83x).
 """
 
 import argparse
@@ -94,29 +93,6 @@ def parallel_cp(previous, dest, processes):
         raise RuntimeError("cp -al failed")
 
 
-def linktree_processes(src, previous, dest, processes, trust_before_ns):
-    """linktree with one thread in each of ``processes`` forked processes, the months shared out as in
-    :func:`parallel_cp` (each month's directory made by the parent first, as the engine makes them)."""
-    months = [os.path.join(year, month) for year, month in month_dirs(previous, dest)]
-    for rel in months:
-        os.mkdir(os.path.join(dest, rel), 0o700)
-    children = []
-    for share in range(processes):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                for rel in months[share::processes]:
-                    linktree.snapshot(os.path.join(src, rel), os.path.join(dest, rel), os.path.join(previous, rel),
-                                      workers=1, trust_before_ns=trust_before_ns)
-            except BaseException:  # noqa: B036  (a child must never return into the parent's code)
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    if any(os.waitpid(pid, 0)[1] != 0 for pid in children):
-        raise RuntimeError("a linktree process failed")
-
-
 def walk_dirs(src, previous):
     """lstat every directory of ``src`` and of its twin under ``previous``; list only non-leaf ones."""
     stack, seen = [(src.encode(), previous.encode())], 0
@@ -155,8 +131,6 @@ def main(argv=None):
                                                                trust_before_ns=trust_before_ns),
             "linktree, workers=2": lambda d: linktree.snapshot(src, d, previous, workers=2,
                                                                trust_before_ns=trust_before_ns),
-            "linktree, 2 forked here": lambda d: linktree_processes(src, previous, d, 2, trust_before_ns),
-            "linktree, 3 forked here": lambda d: linktree_processes(src, previous, d, 3, trust_before_ns),
             "walk of the directories": lambda d: walk_dirs(src, previous),
         }
         if not args.cold:
