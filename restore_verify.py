@@ -228,7 +228,8 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
         data = os.path.join(scratch, "data")
         port = restore_server.free_port()
         result = restore_db.restore_database(cfg, plan, data, log, port=port, socket_dir=socket_dir,
-                                             listen="127.0.0.1", logging_collector=False)
+                                             listen="127.0.0.1", logging_collector=False,
+                                             durable=False)
         warnings.extend(result["warnings"])
         details["timings"]["extract_s"] = round(result["extract_s"], 2)
         pg_ctl = restore_db.pg_tool(cfg, "pg_ctl", base.info["server_version_num"])

@@ -277,6 +277,36 @@ def test_verify_passes_refuses_while_locked_and_runs_inside_a_held_lock(sandbox)
     assert nightly.stdout.strip().splitlines()[-1] == "True 40", nightly.stdout + nightly.stderr
 
 
+def test_the_drills_throwaway_server_runs_without_fsync_and_a_restored_one_with_it(sandbox):
+    sb = sandbox
+    env = sb.write_env()
+    backup(sb, env)
+    # The drill's server, asked on the connection its checks use: a copy deleted afterwards needs no fsync.
+    code = ("import sys, config, restore_verify\n"
+            "cfg = config.load_config(sys.argv[1])\n"
+            "seen, counts = [], restore_verify.sanity_counts\n"
+            "def asking(conn):\n"
+            "    with conn.cursor() as cur:\n"
+            "        cur.execute('SHOW fsync')\n"
+            "        seen.append(cur.fetchone()[0])\n"
+            "    return counts(conn)\n"
+            "restore_verify.sanity_counts = asking\n"
+            "r = restore_verify.verify_backup(cfg)\n"
+            "print(r.ok, seen)\n")
+    drill = sb.run_as_service_user([sb.python, "-c", code, env], cwd=sb.project_dir)
+    assert drill.stdout.strip().splitlines()[-1] == "True ['off']", drill.stdout + drill.stderr
+    # A restore that is kept keeps PostgreSQL's fsync.
+    sockets, port, dest = sockdir(sb, "sock"), free_port(), os.path.join(sb.root, "kept")
+    try:
+        result = restore(sb, env, "postgres", "--to", dest, "--start", "--port", port, "--socket-dir", sockets,
+                         "--immediate")
+        assert result.returncode == EXIT_OK, result.stdout + result.stderr
+        assert query(sb, sockets, port, "SHOW fsync") == "on"
+        assert "fsync" not in open(os.path.join(dest, "postgresql.auto.conf")).read()
+    finally:
+        stop(sb, dest)
+
+
 def test_verify_fails_naming_a_missing_content_file(sandbox):
     sb = sandbox
     env = sb.write_env()

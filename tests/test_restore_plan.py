@@ -265,6 +265,15 @@ def test_12_and_later_use_recovery_signal_and_postgresql_auto_conf(version):
         "unix_socket_directories = '/tmp'", "listen_addresses = '127.0.0.1'", "logging_collector = off"]
 
 
+@pytest.mark.parametrize("version", [90426, 110022, 150004])
+def test_a_throwaway_copy_runs_without_fsync_and_any_other_keeps_it(version):
+    throwaway = rs.recovery_files(version, CMD, TIME, "note", port=5433, durable=False).auto_conf_block
+    assert "archive_mode = off\nfsync = off\nport = 5433\n" in throwaway
+    for kept in (rs.recovery_files(version, CMD, TIME, "note", port=5433),
+                 rs.recovery_files(version, CMD, TIME, "note", keep_archiving=True)):
+        assert "fsync" not in (kept.auto_conf_block or "") + (kept.recovery_conf or "")
+
+
 @pytest.mark.parametrize("version", [90426, 90605, 100023, 110022, 120015, 150004])
 def test_targets_in_every_version(version):
     def lines(target):
