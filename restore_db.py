@@ -217,12 +217,14 @@ def load_manifest(base):
         raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
 
 
-def extract(base, dest, log, manifest=None):
+def extract(base, dest, log, manifest=None, durable=True):
     """Extract ``base`` (base.tar and its WAL) into the empty ``dest``. Returns a list of warnings.
 
     ``manifest`` (restore_manifest.Manifest with a SHA algorithm): every file's size and digest are checked
-    against it as it is written. Removes postmaster.pid/.opts, comments out settings that point at the
-    original's files, and creates an empty postgresql.conf when the backup has none. Raises RestoreError."""
+    against it as it is written. ``durable``: the copy will be fsynced (PostgreSQL does so when it starts on
+    it): its data is sent to disk while the extraction goes on. Removes postmaster.pid/.opts, comments out
+    settings that point at the original's files, and creates an empty postgresql.conf when the backup has none.
+    Raises RestoreError."""
     version = base.info.get("server_version_num") or 0
     base_tar, wal_tar = base_files(base)
     warnings = []
@@ -230,7 +232,7 @@ def extract(base, dest, log, manifest=None):
     try:
         log.info("extracting %s into %s%s", base_tar, dest, " (checking %s digests against backup_manifest)"
                  % digest if digest else "")
-        digests = tar_extract.extract(base_tar, dest, digest=digest)
+        digests = tar_extract.extract(base_tar, dest, digest=digest, writeback=durable)
         if digest:
             restore_manifest.check(manifest, digests)
         wal_dir = os.path.join(dest, restore_settings.wal_dir_name(version))
@@ -241,7 +243,7 @@ def extract(base, dest, log, manifest=None):
             os.mkdir(wal_dir, 0o700)
         if wal_tar:
             log.info("extracting %s into %s", wal_tar, wal_dir)
-            tar_extract.extract(wal_tar, wal_dir)
+            tar_extract.extract(wal_tar, wal_dir, writeback=durable)
     except (tar_io.TarError, restore_manifest.ManifestError) as exc:
         raise RestoreError("the base backup %s is damaged: %s" % (base.name, exc))
     os.chmod(dest, 0o700)
@@ -337,7 +339,7 @@ def clean_after_promotion(data_dir, keep_block, log):
 
 def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     """Extract ``plan.base`` into ``dest`` and write its recovery settings (``auto_kwargs``: keep_archiving,
-    port, socket_dir, listen, logging_collector). Returns {'warnings', 'notes', 'extract_s'}.
+    port, socket_dir, listen, logging_collector, durable). Returns {'warnings', 'notes', 'extract_s'}.
     Raises RestoreError, PlanError."""
     base = plan.base
     version = base.info.get("server_version_num")
@@ -349,7 +351,7 @@ def restore_database(cfg, plan, dest, log, timeline="latest", **auto_kwargs):
     prepare_dir(dest)
     started = time.monotonic()
     manifest = load_manifest(base)
-    warnings = extract(base, dest, log, manifest)
+    warnings = extract(base, dest, log, manifest, durable=auto_kwargs.get("durable", True))
     notes = [n for n in [verify_manifest(cfg, base, dest, log, manifest)] if n]
     write_recovery(dest, files, log)
     return {"warnings": warnings, "notes": notes, "extract_s": time.monotonic() - started}

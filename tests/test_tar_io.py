@@ -264,6 +264,42 @@ def test_extract_returns_each_files_digest_and_writes_it_exactly(tmp_path, ext):
     assert tar_extract.extract(path, str(again)) == {}
 
 
+def test_writeback_asks_the_kernel_for_every_byte_written_and_changes_nothing_else(tmp_path, monkeypatch):
+    import hashlib
+
+    members = dict(MEMBERS, **{"base/1/empty": b"", "base/1/big": os.urandom(2 * tar_io.BUFSIZE + 5)})
+    path = str(tmp_path / "base.tar.zst")
+    with open(path, "wb") as handle:
+        handle.write(compressed(make_tar_bytes(members), ".zst"))
+    real = tar_extract._writeback_starter()
+    assert real is not None  # Linux with glibc: sync_file_range is there
+    asked = []
+
+    def recording():
+        def start(fd, offset, count):
+            asked.append((os.readlink("/proc/self/fd/%d" % fd), offset, count))
+            real(fd, offset, count)
+        return start
+
+    monkeypatch.setattr(tar_extract, "_writeback_starter", recording)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    digests = tar_extract.extract(path, str(dest), digest="sha256", writeback=True)
+    assert digests == {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in members.items()}
+    covered = {}
+    for file_path, offset, count in asked:
+        assert offset == covered.get(file_path, 0)  # in order, no gap, nothing twice
+        covered[file_path] = offset + count
+    assert covered == {str(dest / n): len(d) for n, d in members.items() if d}
+    for name, data in members.items():
+        assert (dest / name).read_bytes() == data
+    asked.clear()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    tar_extract.extract(path, str(plain), digest="sha256")
+    assert asked == []  # only where asked for
+
+
 @pytest.mark.parametrize("ext", ["", ".zst"])
 def test_extract_refuses_a_tar_cut_short_or_without_its_end(tmp_path, ext):
     whole = make_tar_bytes(MEMBERS)
