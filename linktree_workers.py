@@ -110,12 +110,29 @@ def _worker_body(items, down, up, new_state, walk_item, finish):
     return 0
 
 
+def _close_inherited(keep):
+    """In a worker just forked: close every file descriptor but ``keep``. The parent's other threads may have
+    been between creating a descriptor and closing their end of it (a subprocess's pipe, a socket bound to
+    find a free port): a copy held here would keep that pipe from reaching end of file, or that port taken,
+    for as long as the worker walks. An earlier worker's pipes too, which would never see end of file."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: the descriptors a process of this suite can have open
+        names = [str(fd) for fd in range(3, 1024)]
+    for fd in sorted(int(name) for name in names):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
 class _Worker:
     def __init__(self, pid, up, down):
         self.pid, self.up, self.down, self.done = pid, up, down, False
 
 
-def _start(workers, body):
+def _start(body):
     """Fork one worker that runs ``body(down_fd, up_fd)``; returns its :class:`_Worker` (the parent's ends
     of its two pipes)."""
     global _parent_pid
@@ -131,11 +148,7 @@ def _start(workers, body):
         code = 1
         try:
             _parent_pid = parent_pid
-            for other in workers:  # else an earlier worker's pipes would never see end of file
-                os.close(other.up)
-                os.close(other.down)
-            os.close(up_r)
-            os.close(down_w)
+            _close_inherited((0, 1, 2, down_r, up_w))
             code = body(down_r, up_w)
         finally:
             os._exit(code)  # never return into the parent's code, nor run its atexit handlers
@@ -163,14 +176,15 @@ def _end(workers):
     return failed
 
 
-def walk(items, count, new_state, walk_item, finish):
+def walk(items, count, new_state, walk_item, finish, stop=None):
     """Run ``walk_item(state, item)`` for every item of ``items`` (in order, as workers ask) in forked
     worker processes, each with its own ``state = new_state()``, and return ([finish(state) of each
     worker], workers used). ``count``: that many workers; None: as many as measurably help: one per CPU core
     to begin with, then, after each ADAPT_WINDOW_S window in which on average ADAPT_DISK_WAIT workers or more
     were waiting for the disk (state D, sampled every ADAPT_SAMPLE_S), one more, up to ADAPT_LIMIT (a cold
-    cache has 0.3-0.4 of 2 workers in D, a warm one ~0.01). Raises what a worker raised (an OSError keeps its
-    errno and file name), or WorkerError for a worker that ended without its result."""
+    cache has 0.3-0.4 of 2 workers in D, a warm one ~0.01). ``stop``: a function; once it returns true, no
+    further item is handed out (each worker finishes the one it walks). Raises what a worker raised (an OSError
+    keeps its errno and file name), or WorkerError for a worker that ended without its result."""
     pending = collections.deque(range(len(items)))
     workers, results, errors = [], [], []
     selector = selectors.DefaultSelector()
@@ -179,7 +193,7 @@ def walk(items, count, new_state, walk_item, finish):
         return _worker_body(items, down, up, new_state, walk_item, finish)
 
     def add():
-        workers.append(_start(workers, body))
+        workers.append(_start(body))
         selector.register(workers[-1].up, selectors.EVENT_READ, workers[-1])
 
     try:
@@ -193,7 +207,7 @@ def walk(items, count, new_state, walk_item, finish):
                 worker = key.data
                 kind, payload = _receive(worker.up)
                 if kind == b"N":
-                    index = pending.popleft() if pending and not errors else -1
+                    index = pending.popleft() if pending and not errors and not (stop and stop()) else -1
                     try:
                         os.write(worker.down, struct.pack("<i", index))
                     except BrokenPipeError:

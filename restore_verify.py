@@ -17,6 +17,7 @@ import threading
 import time
 
 import catalog
+import linktree_workers
 import restore_db
 import restore_plan
 import restore_server
@@ -119,24 +120,55 @@ def content_problems(report, store_dir):
 
 
 def warm_cache(store_dir, stop, seen=None):
-    """Read the directories and inodes of ``store_dir`` into the page cache until ``stop`` (a
-    threading.Event) is set, so that the content check, which looks at one file per ``store://`` URL, finds
-    them in memory: run in a thread while the database is extracted and recovers. ``seen``: a dict that
-    gets {relpath: size} of every regular file looked at (the check then needs no stat of its own for
-    them). Never raises."""
-    stack, prefix = [store_dir], os.path.join(store_dir, "")
+    """Read the directories and inodes of ``store_dir`` into the page cache, so that the content check, which
+    looks at one file per ``store://`` URL, finds them in memory: run in a thread while the database is
+    extracted and recovers. The subtrees below the top two levels (years, months) are walked by forked worker
+    processes (:mod:`linktree_workers`) at the lowest CPU priority: a cold walk waits for the disk at every
+    directory and inode, and several in flight finish it in about half the time of one (60,000 files: 1.7 s
+    alone, 0.7 s in 4 processes; 4 threads of one interpreter 1.1 s).
+    ``stop`` (a threading.Event): once set, no further subtree is started. ``seen``: a dict that gets
+    {relpath: size} of every regular file looked at (the check then needs no stat of its own for them).
+    Never raises."""
+    prefix = os.path.join(store_dir, "")
+    found = {} if seen is None else seen
     try:
-        while stack and not stop.is_set():
-            with os.scandir(stack.pop()) as listing:
-                for entry in listing:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    else:
-                        st = entry.stat(follow_symlinks=False)
-                        if seen is not None and stat.S_ISREG(st.st_mode):
-                            seen[entry.path[len(prefix):]] = st.st_size
-    except OSError:
+        subtrees = [store_dir]
+        for _level in range(2):
+            subtrees = [child for top in subtrees if not stop.is_set() for child in _scan_dir(top, prefix, found)]
+        parts = linktree_workers.walk(subtrees, None, _new_part, lambda part, top: _scan_tree(top, prefix, part),
+                                      lambda part: part, stop=stop.is_set)[0] if subtrees else []
+        for part in parts:
+            found.update(part)
+    except (OSError, linktree_workers.WorkerError):
         pass  # only a head start: the check itself reports what is missing
+
+
+def _new_part():
+    """A worker's own {relpath: size}. The worker runs at the lowest CPU priority: the extraction it overlaps
+    is the drill's critical path (measured: 2.0-2.5 s of extraction beside workers at normal priority, 1.6-1.7 s
+    beside niced ones, on 2 cores)."""
+    os.nice(19)
+    return {}
+
+
+def _scan_dir(path, prefix, seen):
+    """Record the regular files of directory ``path`` in ``seen``; returns its subdirectories."""
+    subdirs = []
+    with os.scandir(path) as listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+            else:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    seen[entry.path[len(prefix):]] = st.st_size
+    return subdirs
+
+
+def _scan_tree(top, prefix, seen):
+    stack = [top]
+    while stack:
+        stack.extend(_scan_dir(stack.pop(), prefix, seen))
 
 
 def scratch_root(cfg):
@@ -188,7 +220,7 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
                "content": None, "target": None, "timings": {}}
     scratch = server = None
     socket_dir, own_socket_dir = None, False
-    warmed, seen = threading.Event(), {}
+    stop_warming, seen, warming = threading.Event(), {}, None
     try:
         target = (restore_plan.make_target(time=target_time) if target_time is not None
                   else restore_plan.make_target(immediate=True))
@@ -213,8 +245,10 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
                 catalog.list_backups(cfg.BACKUP_DIR, "contentstore"), restore_plan.db_point(target, base))
             warnings.extend(notes)
             details["snapshot"] = snapshot.name
-            threading.Thread(target=warm_cache, args=(snapshot.path, warmed, seen), name="warm-snapshot",
-                             daemon=True).start()
+            if content_sizes is None:  # else the sizes come from the off-site listing
+                warming = threading.Thread(target=warm_cache, args=(snapshot.path, stop_warming, seen),
+                                           name="warm-snapshot", daemon=True)
+                warming.start()
         except restore_plan.PlanError as exc:
             failures.append("contentstore: %s" % exc)
         if os.geteuid() == 0:
@@ -243,10 +277,13 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
             failures.append("recovery did not stop at the target %s%s" % (details["target"],
                                                                          ": " + line if line else ""))
         checked = time.monotonic()
-        warmed.set()
         conn = _connect_any(conns)
         try:
             details["counts"] = sanity_counts(conn)
+            if warming is not None:
+                # Its walk is the cheapest way to every file's size (directory order, several in flight):
+                # waiting for it beats the check's own stats, one URL at a time.
+                warming.join()
             if snapshot is not None:
                 report = check_content(conn, snapshot.path,
                                        sizes=content_sizes(snapshot) if content_sizes else None, seen=seen)
@@ -258,7 +295,7 @@ def verify_backup(cfg, backup_name=None, target_time=None, log=None, timeout=Non
     except (restore_db.RestoreError, restore_plan.PlanError, OSError) as exc:
         failures.append(str(exc))
     finally:
-        warmed.set()
+        stop_warming.set()
         if server is not None:
             server.stop(modes=("immediate",))  # a throwaway copy, deleted next: no shutdown checkpoint
         if scratch is not None:

@@ -204,6 +204,46 @@ def test_workers_are_added_only_while_they_wait_for_the_disk(tmp_path, monkeypat
     assert stats.files == 40
 
 
+def test_a_worker_holds_no_descriptor_of_its_parent_but_its_own_pipes():
+    """Another thread of the parent may be between creating a pipe or a socket and closing its copy when a
+    worker is forked: a worker holding the write end would keep the reader from its end of file, one holding a
+    socket bound to a free port would keep that port taken (the drill's server then cannot listen)."""
+    import socket
+
+    read_end, write_end = os.pipe()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    try:
+        def describe(seen, _item):
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    seen.add(os.readlink("/proc/self/fd/" + name))
+                except OSError:
+                    pass  # the listing's own descriptor
+
+        parts, _count = linktree_workers.walk([1, 2, 3], 2, set, describe, sorted)
+        mine = {os.readlink("/proc/self/fd/%d" % fd) for fd in (read_end, write_end, listener.fileno())}
+        for held in parts:
+            assert not mine & set(held), held
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        listener.close()
+
+
+def test_once_stop_says_so_no_further_item_is_handed_out():
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    parts, _count = linktree_workers.walk(list(range(50)), 2, list, lambda done, item: done.append(item), sorted,
+                                          stop=stop)
+    walked = sorted(item for part in parts for item in part)
+    assert walked == list(range(len(walked))) and 0 < len(walked) <= 3
+
+
 def _failing_in_workers(monkeypatch, fail):
     """Make ``fail(item)`` run for every directory a worker process walks (not in the parent)."""
     real_process = linktree._process
