@@ -12,7 +12,6 @@ the off-site restore follows exactly the rules of a local one. Downloads resume:
 the same size and time are not fetched again.
 """
 
-import argparse
 import copy
 import logging
 import os
@@ -32,14 +31,6 @@ import restore_db
 import restore_plan
 
 LOG = logging.getLogger("restore")
-
-
-def add_arguments(parser):
-    """restore.py's ``--from`` and ``--staging`` (on every command)."""
-    parser.add_argument("--from", dest="source", choices=("local", "offsite"), default=argparse.SUPPRESS,
-                        help="where the backups are: local (BACKUP_DIR, the default) or offsite (OFFSITE_REMOTE)")
-    parser.add_argument("--staging", metavar="DIR", default=argparse.SUPPRESS,
-                        help="with --from offsite: where downloads go (default BACKUP_DIR/offsite-restore)")
 
 
 def staging_config(cfg, staging, wal_dir="pg_wal"):

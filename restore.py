@@ -16,11 +16,7 @@ import sys
 
 import catalog
 import config
-import email_alert
 import lock
-import mail_report
-import monitor
-import offsite_restore
 import postgres
 import restore_db
 import restore_list
@@ -96,7 +92,10 @@ def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--env", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: .env next to backup.py)")
-    offsite_restore.add_arguments(common)  # --from local|offsite, --staging
+    common.add_argument("--from", dest="source", choices=("local", "offsite"), default=argparse.SUPPRESS,
+                        help="where the backups are: local (BACKUP_DIR, the default) or offsite (OFFSITE_REMOTE)")
+    common.add_argument("--staging", metavar="DIR", default=argparse.SUPPRESS,
+                        help="with --from offsite: where downloads go (default BACKUP_DIR/offsite-restore)")
     parser = argparse.ArgumentParser(
         description="Restore an Alfresco server (database and contentstore) from the backups backup.py made.",
         epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +155,8 @@ def main(argv=None):
         sys.stderr.write(refusal + "\n")
         return EXIT_CONFIG
     if getattr(args, "source", "local") == "offsite":  # a new host may have nothing but the .env
+        import offsite_restore  # imported here: rclone and mail are not needed for a local restore
+
         return offsite_restore.run(env_path, args)
     try:
         cfg = config.load_config(env_path)
@@ -352,6 +353,9 @@ def cmd_full(cfg, args):
 
 
 def cmd_verify(cfg, args):
+    import email_alert
+    import mail_report
+    import monitor
     import restore_verify
 
     result = restore_verify.verify_backup(cfg, args.backup, args.target_time, LOG, args.timeout)

@@ -35,7 +35,6 @@ Segment names assume PostgreSQL 9.3+ numbering (no skipped 0xFF segment). Files 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gzip
 import os
@@ -322,7 +321,32 @@ def archive_get(name, target, archive_dir):
                       f"{EXIT_ABORT_RECOVERY}) rather than ending it early", EXIT_ABORT_RECOVERY)
 
 
+class _Args:
+    def __init__(self, command, **values):
+        self.command = command
+        self.__dict__.update(values)
+
+
+def _plain_args(argv):
+    """The argument lists PostgreSQL's archive_command and restore_command pass (``archive-push [--gzip] PATH
+    DIR``, ``archive-get NAME PATH DIR``, no other option) parsed without argparse, whose import is a third of
+    this script's start-up, paid once per WAL file; None for anything else (argparse then parses it)."""
+    values = list(argv[1:])
+    gzip_flag = argv[:1] == ["archive-push"] and values[:1] == ["--gzip"]
+    if gzip_flag:
+        values = values[1:]
+    if any(not value or value.startswith("-") for value in values):
+        return None
+    if argv[:1] == ["archive-push"] and len(values) == 2:
+        return _Args("archive-push", gzip=gzip_flag, path=values[0], archive_dir=values[1])
+    if argv[:1] == ["archive-get"] and len(values) == 3:
+        return _Args("archive-get", name=values[0], path=values[1], archive_dir=values[2])
+    return None
+
+
 def _parser():
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="wal.py", description="WAL archive_command / restore_command for the Alfresco backup suite.",
         epilog=f"archive-get exits 1 when the file is not archived, {EXIT_ABORT_RECOVERY} on real errors so "
@@ -350,7 +374,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     is_get = bool(argv) and argv[0] == "archive-get"
     try:
-        args = _parser().parse_args(argv)
+        args = _plain_args(argv) or _parser().parse_args(argv)
     except SystemExit as exc:
         if exc.code and is_get:
             return EXIT_ABORT_RECOVERY

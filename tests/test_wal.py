@@ -564,6 +564,28 @@ def test_help():
     assert run_wal("archive-push", "only-one-arg").returncode == 2
 
 
+@pytest.mark.parametrize("argv", [
+    ["archive-get", "000000010000000000000003", "pg_wal/RECOVERYXLOG", "/backups/pg_wal"],
+    ["archive-get", "00000002.history", "pg_wal/RECOVERYHISTORY", "/a dir/with spaces"],
+    ["archive-push", "pg_wal/000000010000000000000003", "/backups/pg_wal"],
+    ["archive-push", "--gzip", "pg_wal/000000010000000000000003", "/backups/pg_wal"],
+])
+def test_the_commands_postgresql_runs_parse_without_argparse_as_argparse_would(argv):
+    quick = wal._plain_args(argv)
+    assert quick is not None
+    assert vars(quick) == vars(wal._parser().parse_args(argv))
+    assert "argparse" not in subprocess.run(
+        [sys.executable, "-c", "import sys, wal; wal._plain_args(sys.argv[1:]); print(' '.join(sys.modules))"]
+        + argv, cwd=os.path.dirname(wal.__file__), stdout=subprocess.PIPE, text=True, check=True).stdout.split()
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["archive-get", "a", "b"], ["archive-get", "a", "b", "c", "d"],
+                                  ["archive-push", "--gzip", "--gzip", "p", "d"], ["archive-get", "-x", "p", "d"],
+                                  ["archive-push", "p"], ["archive-get", "", "p", "d"], ["other", "a", "b"]])
+def test_any_other_argument_list_is_left_to_argparse(argv):
+    assert wal._plain_args(argv) is None
+
+
 def find_python38():
     """A working Python 3.8 interpreter (pyenv shims may exist without one), or None."""
     candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
