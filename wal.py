@@ -42,6 +42,7 @@ import re
 import signal
 import sys
 import time
+import types
 import zlib
 
 EXIT_ABORT_RECOVERY = 200
@@ -321,12 +322,6 @@ def archive_get(name, target, archive_dir):
                       f"{EXIT_ABORT_RECOVERY}) rather than ending it early", EXIT_ABORT_RECOVERY)
 
 
-class _Args:
-    def __init__(self, command, **values):
-        self.command = command
-        self.__dict__.update(values)
-
-
 def _plain_args(argv):
     """The argument lists PostgreSQL's archive_command and restore_command pass (``archive-push [--gzip] PATH
     DIR``, ``archive-get NAME PATH DIR``, no other option) parsed without argparse, whose import is a third of
@@ -338,9 +333,9 @@ def _plain_args(argv):
     if any(not value or value.startswith("-") for value in values):
         return None
     if argv[:1] == ["archive-push"] and len(values) == 2:
-        return _Args("archive-push", gzip=gzip_flag, path=values[0], archive_dir=values[1])
+        return types.SimpleNamespace(command="archive-push", gzip=gzip_flag, path=values[0], archive_dir=values[1])
     if argv[:1] == ["archive-get"] and len(values) == 3:
-        return _Args("archive-get", name=values[0], path=values[1], archive_dir=values[2])
+        return types.SimpleNamespace(command="archive-get", name=values[0], path=values[1], archive_dir=values[2])
     return None
 
 
