@@ -17,6 +17,7 @@ import os
 import pickle
 import selectors
 import signal
+import stat
 import struct
 import time
 import warnings
@@ -243,3 +244,59 @@ def walk(items, count, new_state, walk_item, finish, stop=None):
     if failed:
         raise WorkerError("a worker process ended badly after its result (%s)" % failed)
     return results, len(workers)
+
+
+def file_sizes(root, stop=None, nice=False, into=None):
+    """{path relative to ``root``: size} of every regular file under ``root`` (no symlink followed). The top
+    two levels (a contentstore's years and months) are read here, every subtree below them by a worker
+    process of :func:`walk`: a cold walk waits for the disk at every directory, and several in flight finish
+    it in about half the time of one (60,000 files: 1.7 s alone, 0.7 s in 4 processes). A file or directory
+    that disappears meanwhile is left out. ``stop``: see :func:`walk`. ``nice``: the workers run at the lowest
+    CPU priority (beside a critical path). ``into``: a dict to fill instead of a new one (it keeps what was
+    found when this raises). Raises OSError (an unreadable directory) or WorkerError."""
+    prefix = os.path.join(root, "")
+    found = {} if into is None else into
+    subtrees = [root]
+    for _level in range(2):
+        subtrees = [child for top in subtrees if not (stop and stop()) for child in _scan_dir(top, prefix, found)]
+    if subtrees:
+        new_part = _new_niced_part if nice else dict
+        for part in walk(subtrees, None, new_part, lambda part, top: _scan_tree(top, prefix, part),
+                         lambda part: part, stop=stop)[0]:
+            found.update(part)
+    return found
+
+
+def _new_niced_part():
+    """A worker's own dict, at the lowest CPU priority: beside the drill's extraction, its critical path
+    (measured: 2.0-2.5 s of extraction beside workers at normal priority, 1.6-1.7 s beside niced ones, on 2
+    cores)."""
+    os.nice(19)
+    return {}
+
+
+def _scan_dir(path, prefix, found):
+    """Record the regular files of directory ``path`` in ``found``; returns its subdirectories."""
+    subdirs = []
+    try:
+        listing = os.scandir(path)
+    except FileNotFoundError:
+        return subdirs
+    with listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found[entry.path[len(prefix):]] = info.st_size
+    return subdirs
+
+
+def _scan_tree(top, prefix, found):
+    stack = [top]
+    while stack:
+        stack.extend(_scan_dir(stack.pop(), prefix, found))

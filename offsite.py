@@ -21,6 +21,7 @@ import os
 import time
 
 import catalog
+import linktree_workers
 import lock
 import offsite_state
 import rclone
@@ -229,24 +230,16 @@ def shippable_name(rel):
 
 
 def walk_files(root):
-    """([(relpath, size)] of the regular files under ``root``, sorted; [unshippable relpaths])."""
+    """([(relpath, size)] of the regular files under ``root``, sorted; [unshippable relpaths]). The subtrees
+    are read by worker processes (:func:`linktree_workers.file_sizes`): a first upload lists every night kept
+    locally, each a cold walk of the whole store (60,000 files, 5 nights: 12-13 s with one os.walk, 5 s so).
+    Raises OSError or linktree_workers.WorkerError."""
     files, skipped = [], []
-    for dirpath, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in names:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            try:
-                info = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            if not os.path.isfile(full) or os.path.islink(full):
-                continue
-            if shippable_name(rel):
-                files.append((rel, info.st_size))
-            else:
-                skipped.append(rel)
-    files.sort()
+    for rel, size in sorted(linktree_workers.file_sizes(root).items()):
+        if shippable_name(rel):
+            files.append((rel, size))
+        else:
+            skipped.append(rel)
     return files, skipped
 
 
@@ -294,7 +287,7 @@ def ship(cfg, log):
                 work()
             finally:
                 held.release()
-    except (rclone.RcloneError, OSError) as exc:
+    except (rclone.RcloneError, OSError, linktree_workers.WorkerError) as exc:
         job.failures.append(str(exc))
     finally:
         job.state.end_run(run_id, not job.failures, job.files, job.bytes,

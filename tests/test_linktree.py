@@ -345,3 +345,48 @@ def _ppid(pid):
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError):
         return None
+
+
+def test_file_sizes_lists_every_regular_file_as_os_walk_does_and_nothing_else(tmp_path):
+    expected = {}
+    for rel, size in (("top.bin", 1), ("2024/odd name\u00e9.bin", 2), ("2024/5/m.bin", 3),
+                      ("2024/5/17/10/31/" + "a" * 36 + ".bin", 4), ("2023/12/31/23/59/z.bin", 0)):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        expected[rel] = size
+    for depth in range(8):  # more subtrees below the top two levels than workers
+        deep = tmp_path / "2022" / "1" / str(depth) / "0"
+        deep.mkdir(parents=True)
+        (deep / "d.bin").write_bytes(b"yy")
+        expected["2022/1/%d/0/d.bin" % depth] = 2
+    os.symlink(str(tmp_path / "top.bin"), str(tmp_path / "2024" / "5" / "link.bin"))
+    os.symlink(str(tmp_path / "2024"), str(tmp_path / "2023" / "12" / "dirlink"))
+    os.mkfifo(str(tmp_path / "2024" / "5" / "17" / "fifo"))
+    walked = {}
+    for dirpath, _dirs, names in os.walk(str(tmp_path)):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                walked[os.path.relpath(full, str(tmp_path))] = os.path.getsize(full)
+    assert walked == expected
+    assert linktree_workers.file_sizes(str(tmp_path)) == expected
+    assert linktree_workers.file_sizes(str(tmp_path), nice=True) == expected
+    seen = {"kept": 1}
+    assert linktree_workers.file_sizes(str(tmp_path), into=seen) is seen and seen == dict(expected, kept=1)
+
+
+def test_file_sizes_leaves_out_what_disappears_and_stops_when_told(tmp_path, monkeypatch):
+    for rel in ("2024/1/1/a.bin", "2024/1/2/b.bin", "2024/2/1/c.bin"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"abc")
+    real_scandir = os.scandir
+
+    def vanishing(path):  # a retention run removes a night's directory while it is listed
+        if str(path).endswith(os.path.join("2024", "1", "2")):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(linktree_workers.os, "scandir", vanishing)
+    assert linktree_workers.file_sizes(str(tmp_path)) == {"2024/1/1/a.bin": 3, "2024/2/1/c.bin": 3}
+    assert linktree_workers.file_sizes(str(tmp_path), stop=lambda: True) == {}
