@@ -121,10 +121,8 @@ def content_problems(report, store_dir):
 def warm_cache(store_dir, stop, seen=None):
     """Read the directories and inodes of ``store_dir`` into the page cache, so that the content check, which
     looks at one file per ``store://`` URL, finds them in memory: run in a thread while the database is
-    extracted and recovers. The subtrees below the top two levels (years, months) are walked by forked worker
-    processes (:mod:`linktree_workers`) at the lowest CPU priority: a cold walk waits for the disk at every
-    directory and inode, and several in flight finish it in about half the time of one (60,000 files: 1.7 s
-    alone, 0.7 s in 4 processes; 4 threads of one interpreter 1.1 s).
+    extracted and recovers. The walk is :func:`linktree_workers.file_sizes`' (worker processes), at the lowest
+    CPU priority.
     ``stop`` (a threading.Event): once set, no further subtree is started. ``seen``: a dict that gets
     {relpath: size} of every regular file looked at (the check then needs no stat of its own for them).
     Never raises."""
