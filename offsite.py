@@ -18,6 +18,7 @@ metadata is. Nothing here lists the remote: the local record (offsite_state) say
 
 import gzip
 import os
+import stat
 import time
 
 import catalog
@@ -164,23 +165,45 @@ class Run:
                   [r for r in self.state.pending("config/") + self.state.pending("postgres/")
                    if not r[0].endswith(".json") or r[0].count("/") > 1])
         content = self.state.pending("content/")
-        ready = []
+        snapshots = catalog.done_backups(self.cfg.BACKUP_DIR, "contentstore")
+        newest = snapshots[-1].name if snapshots else None
+        ready, manifest_shipped = [], {}
         for row in content:
-            snap = os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore"), row[2])
-            if not os.path.isfile(os.path.join(snap, row[0][len("content/"):])):
-                self._vanished(row[0])
-                row = self.state.object(row[0])
-                if row["lost"]:
-                    continue
-                row = (row["key"], row["size"], row["source"], row["first_set"])
+            row = self._content_source(row, newest)
+            if row is None:
+                continue
             # The night's manifest goes first: retention elsewhere never deletes an object a manifest lists.
-            if self.state.is_shipped("manifests/%s.tsv.gz" % row[3]):
+            if row[3] not in manifest_shipped:
+                manifest_shipped[row[3]] = self.state.is_shipped("manifests/%s.tsv.gz" % row[3])
+            if manifest_shipped[row[3]]:
                 ready.append(row)
         self.send(ready)
         for kind, key_of in (("config", "config/%s.json"), ("postgres", "postgres/%s.json"),
                              ("contentstore", "manifests/%s.json")):
             for name, _status, info, _at in self.state.sets(kind, "queued"):
                 self._finish_set(kind, name, info, key_of % name)
+
+    def _content_source(self, row, newest):
+        """Pending content ``row`` (key, size, source, first_set) with the snapshot to read it from: the newest
+        one when it holds the file with the recorded size (content never changes in place, and a first upload of
+        many nights is then one rclone run instead of one per night), else the night that queued it, else
+        another night that still has it. None when no snapshot has it any more (recorded as lost)."""
+        snaps = catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore")
+        rel = row[0][len("content/"):]
+        if newest is not None and newest != row[2]:
+            try:
+                found = os.lstat(os.path.join(snaps, newest, rel))
+                if stat.S_ISREG(found.st_mode) and found.st_size == row[1]:
+                    return (row[0], row[1], newest, row[3])
+            except OSError:
+                pass
+        if os.path.isfile(os.path.join(snaps, row[2], rel)):
+            return row
+        self._vanished(row[0])
+        row = self.state.object(row[0])
+        if row["lost"]:
+            return None
+        return (row["key"], row["size"], row["source"], row["first_set"])
 
     def _finish_set(self, kind, name, info, meta_key):
         lost = self.state.lost_in(name)

@@ -127,6 +127,36 @@ def test_nightly_runs_ship_a_byte_identical_copy_with_only_new_objects(sandbox, 
     assert "alfresco_backup_offsite_lag_seconds" in samples
 
 
+def test_a_first_upload_of_several_nights_reads_content_from_the_newest_snapshot(sandbox, s3):
+    """Content kept in several nights goes out in one rclone run from the newest snapshot; a file deleted
+    before the newest night is read from a night that still has it, and every night's manifest is satisfied."""
+    sb = sandbox
+    env = sb.write_env(OFFSITE_TRANSFERS=1, **s3.env())
+    night(sb, env)
+    gone = sorted(sb.content_files())[0]
+    sb.add_content(3, date=(2024, 6, 2, 9, 15))
+    night(sb, env)
+    os.unlink(os.path.join(sb.contentstore_dir, gone))  # e.g. Alfresco's content cleaner, after night two
+    sb.add_content(2, date=(2024, 6, 3, 9, 15))
+    night(sb, env)
+    snapshots = sorted(p[:-5] for p in glob.glob(os.path.join(sb.backup_dir, "contentstore", "*.json")))
+    assert len(snapshots) == 3
+    shipped = ok(run(sb, env, "--offsite")).stdout
+    sources = sorted({line.split(" copy ", 1)[1].split(" ", 1)[0] for line in shipped.splitlines()
+                      if "running: " in line and " copy " in line and "/contentstore/" in line})
+    # Two runs, not one per night: the newest night, and the oldest for the file only it and night two hold.
+    assert sources == [snapshots[0], snapshots[2]], sources
+    remote = s3.objects()
+    for snap in snapshots:
+        for dirpath, _dirs, names in os.walk(snap):
+            for item in names:
+                full = os.path.join(dirpath, item)
+                key = "content/" + os.path.relpath(full, snap)
+                assert key in remote and filecmp.cmp(full, remote[key], shallow=False), key
+    assert "content/" + gone in remote
+    assert json.loads(run(sb, env, "--status", "--json").stdout)["facts"]["offsite"]["pending_files"] == 0
+
+
 def reading(pgid, rel):
     """True when a process of group ``pgid`` has a file ending in ``rel`` open."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
