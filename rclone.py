@@ -171,7 +171,7 @@ class Remote:
         message or None}; never raises for a failed
         transfer (the caller records what is done and alerts), only RcloneError when rclone cannot start."""
         tmp = write_list(rels, list_dir)
-        sink = _CopyLog(self.log, on_done)
+        sink = _CopyLog(self.log, on_done, os.path.basename(self.binary))
         args = ["copy", src_dir, self.path(sub), "--files-from-raw", tmp, "--checksum", "--transfers",
                 str(self.transfers), "--checkers", str(max(8, self.transfers * 2)), "--stats",
                 "%ds" % self.progress_seconds] + ([] if traverse else ["--no-traverse"])
@@ -282,9 +282,11 @@ class _CopyLog:
     """Receives every stderr line of ``rclone copy -vv --use-json-log`` (subprocess_utils calls ``log``)
     and turns it into progress in our log, per-file results for ``on_done`` and per-file errors."""
 
-    def __init__(self, log, on_done):
+    def __init__(self, log, on_done, program="rclone"):
         self._log = log
         self.on_done = on_done
+        # subprocess_utils prefixes each line with the program's file name (OFFSITE_RCLONE may be any name).
+        self._prefix = program + ": "
         self.md5 = {}
         self.errors = {}
         self.last_error = None
@@ -294,9 +296,11 @@ class _CopyLog:
 
     def log(self, level, fmt, *args):
         text = fmt % args if args else fmt
-        if text.startswith("rclone: {") and not any(w in text for w in self._WANTED):
-            return  # -vv writes ~5 lines per file; parse only the ones that matter (a 2-core server is busy)
-        record = parse_line(text.split(": ", 1)[1] if text.startswith("rclone: ") else text)
+        if text.startswith(self._prefix):
+            text = text[len(self._prefix):]
+            if text.startswith("{") and not any(w in text for w in self._WANTED):
+                return  # -vv writes ~5 lines per file; parse only the ones that matter (a 2-core server is busy)
+        record = parse_line(text)
         if record is None:
             return
         msg, obj, lvl = record.get("msg", ""), record.get("object"), record.get("level")

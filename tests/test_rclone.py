@@ -51,9 +51,11 @@ OLD = '{"level":"%s","msg":"%s","object":"%s","objectType":"*local.Object","sour
 
 
 @pytest.mark.parametrize("shape", [NEW, OLD])
-def test_copy_log_reports_verified_files_with_their_hash_and_errors(shape, caplog):
+@pytest.mark.parametrize("program", ["rclone", "rclone-v1.68.2"])  # OFFSITE_RCLONE may have any file name
+def test_copy_log_reports_verified_files_with_their_hash_and_errors(shape, program, caplog):
     done = []
-    sink = rclone._CopyLog(logging.getLogger("t"), lambda rel, md5, copied: done.append((rel, md5, copied)))
+    sink = rclone._CopyLog(logging.getLogger("t"), lambda rel, md5, copied: done.append((rel, md5, copied)),
+                           program)
     lines = [shape % ("debug", "Need to transfer - File not found at Destination", "a/f1.bin"),
              shape % ("debug", "md5 = cdacc38c66e98dd570bb92afd2bbecef OK", "a/f1.bin"),
              shape % ("info", "Copied (new)", "a/f1.bin"),
@@ -66,7 +68,7 @@ def test_copy_log_reports_verified_files_with_their_hash_and_errors(shape, caplo
                                                                     "speed": 524288.0, "eta": 6}})]
     with caplog.at_level(logging.INFO):
         for line in lines:
-            sink.log(logging.INFO, "%s%s", "rclone: ", line)
+            sink.log(logging.INFO, "%s%s", program + ": ", line)
     assert done == [("a/f1.bin", "cdacc38c66e98dd570bb92afd2bbecef", True),
                     ("a/f2.bin", "53273e09404b70ad50066e2286d5a0ae", False)]
     assert sink.errors == {"a/f3.bin": "Source and destination exist but do not match: immutable file modified"}
