@@ -59,8 +59,8 @@ class Run:
                 snap = os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore"), source)
                 groups.setdefault((snap, "content"), []).append((key[len("content/"):], key, size))
             else:
-                groups.setdefault((os.path.dirname(source), os.path.dirname(key)), []).append(
-                    (os.path.basename(key), key, size))
+                src_dir, sub, rel = self._object_group(key, source)
+                groups.setdefault((src_dir, sub), []).append((rel, key, size))
         done = set()
         for (src_dir, sub), items in sorted(groups.items()):
             by_rel = {rel: (key, size) for rel, key, size in items}
@@ -100,6 +100,18 @@ class Run:
                     else:
                         self.failures.append("%s: rclone did not confirm the upload" % os.path.join(src_dir, rel))
         return done
+
+    def _object_group(self, key, source):
+        """(source directory, remote directory, path under both) of one rclone run that sends ``key``: every
+        configuration copy or base backup file, subdirectories and metadata included, from its kind's directory
+        (one run for all the sets of a kind, not one per directory of each set); anything else from its own
+        directory."""
+        kind = key.split("/", 1)[0]
+        if kind in ("config", "postgres"):
+            root = catalog.kind_dir(self.cfg.BACKUP_DIR, kind)
+            if source == os.path.join(root, key[len(kind) + 1:]):
+                return root, kind, key[len(kind) + 1:]
+        return os.path.dirname(source), os.path.dirname(key), os.path.basename(key)
 
     def _flush(self, marks):
         self.state.mark_many(marks)
@@ -180,8 +192,17 @@ class Run:
         self.send(ready)
         for kind, key_of in (("config", "config/%s.json"), ("postgres", "postgres/%s.json"),
                              ("contentstore", "manifests/%s.json")):
-            for name, _status, info, _at in self.state.sets(kind, "queued"):
-                self._finish_set(kind, name, info, key_of % name)
+            ready = [(name, info, meta) for name, info, meta in (
+                (name, info, self._set_metadata(kind, name, info, key_of % name))
+                for name, _status, info, _at in self.state.sets(kind, "queued")) if meta is not None]
+            # Every set's metadata of one kind lies in one directory: one rclone run sends them all.
+            sent = self.send([(m["key"], m["size"], m["source"], name) for name, _info, m in ready
+                              if not m["shipped_at"]])
+            for name, info, meta in ready:
+                if meta["shipped_at"] or meta["key"] in sent:
+                    self.state.put_set(kind, name, "shipped", info)
+                    self.completed.append("%s %s" % (kind, name))
+                    self.log.info("off-site: %s %s is complete off-site", kind, name)
 
     def _content_source(self, row, newest):
         """Pending content ``row`` (key, size, source, first_set) with the snapshot to read it from: the newest
@@ -205,34 +226,31 @@ class Run:
             return None
         return (row["key"], row["size"], row["source"], row["first_set"])
 
-    def _finish_set(self, kind, name, info, meta_key):
+    def _set_metadata(self, kind, name, info, meta_key):
+        """The record's row of set ``name``'s metadata object when every other object of the set is off-site and
+        the metadata can go (queued here if needed); None while the set waits, or when it can never complete
+        (then marked incomplete, with a failure)."""
         lost = self.state.lost_in(name)
         if lost:  # its metadata must never make it look complete off-site
             self.state.put_set(kind, name, "incomplete", info)
             self.failures.append("%s %s is incomplete off-site: %d of its files left the local backups before they "
                                  "were shipped (e.g. %s)" % (kind, name, len(lost), lost[0]))
-            return
+            return None
         if kind == "contentstore":
             if self.state.pending_up_to(name) or self.state.pending("manifests/%s.tsv.gz" % name):
-                return
+                return None
         elif self.state.pending("%s/%s/" % (kind, name)):
-            return
+            return None
         meta = self.state.object(meta_key)
         if meta is None:
             local = catalog.info_path(os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, kind), name))
             self.state.queue([(meta_key, _size(local), local)], first_set=name)
             meta = self.state.object(meta_key)
-        if not meta["shipped_at"]:
-            if not os.path.isfile(meta["source"]):
-                self.state.put_set(kind, name, "incomplete", info)
-                self.failures.append("%s %s was deleted locally before its metadata was shipped" % (kind, name))
-                return
-            if meta_key not in self.send([(meta_key, meta["size"], meta["source"], name)]):
-                return
-        self.state.put_set(kind, name, "shipped", info)
-        self.completed.append("%s %s" % (kind, name))
-        self.log.info("off-site: %s %s is complete off-site", kind, name)
-
+        if not meta["shipped_at"] and not os.path.isfile(meta["source"]):
+            self.state.put_set(kind, name, "incomplete", info)
+            self.failures.append("%s %s was deleted locally before its metadata was shipped" % (kind, name))
+            return None
+        return meta
 
 def _size(path):
     try:
