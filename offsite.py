@@ -292,9 +292,10 @@ def write_manifest(directory, name, files):
     if os.path.isfile(path):
         return path
     tmp = path + ".tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
-        for rel, size in files:
-            handle.write(("%s\t%d\n" % (rel, size)).encode("utf-8"))
+    # Level 6: 0.13 s instead of 9's 0.32 s per 60,000 files, 0.5 % larger. A manifest is written once and
+    # kept, so one compressed by an older version is never rewritten with other bytes.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) as handle:
+        handle.write("".join("%s\t%d\n" % row for row in files).encode("utf-8"))
     os.chmod(tmp, 0o600)
     os.rename(tmp, path)
     return path
