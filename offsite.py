@@ -252,6 +252,7 @@ class Run:
             return None
         return meta
 
+
 def _size(path):
     try:
         return os.lstat(path).st_size
