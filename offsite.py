@@ -55,12 +55,8 @@ class Run:
             self.probed = True
         groups = {}
         for key, size, source, _first in rows:
-            if key.startswith("content/"):
-                snap = os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore"), source)
-                groups.setdefault((snap, "content"), []).append((key[len("content/"):], key, size))
-            else:
-                src_dir, sub, rel = self._object_group(key, source)
-                groups.setdefault((src_dir, sub), []).append((rel, key, size))
+            src_dir, sub, rel = self._object_group(key, source)
+            groups.setdefault((src_dir, sub), []).append((rel, key, size))
         done = set()
         for (src_dir, sub), items in sorted(groups.items()):
             by_rel = {rel: (key, size) for rel, key, size in items}
@@ -102,15 +98,17 @@ class Run:
         return done
 
     def _object_group(self, key, source):
-        """(source directory, remote directory, path under both) of one rclone run that sends ``key``: every
-        configuration copy or base backup file, subdirectories and metadata included, from its kind's directory
-        (one run for all the sets of a kind, not one per directory of each set); anything else from its own
-        directory."""
-        kind = key.split("/", 1)[0]
+        """(source directory, remote directory, path under both) of one rclone run that sends ``key``: content
+        from its snapshot (``source`` is the snapshot's name); every configuration copy or base backup file,
+        subdirectories and metadata included, from its kind's directory (one run for all the sets of a kind, not
+        one per directory of each set); anything else from its own directory."""
+        kind, rel = key.split("/", 1)[0], key.split("/", 1)[-1]
+        if kind == "content":
+            return os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore"), source), kind, rel
         if kind in ("config", "postgres"):
             root = catalog.kind_dir(self.cfg.BACKUP_DIR, kind)
-            if source == os.path.join(root, key[len(kind) + 1:]):
-                return root, kind, key[len(kind) + 1:]
+            if source == os.path.join(root, rel):
+                return root, kind, rel
         return os.path.dirname(source), os.path.dirname(key), os.path.basename(key)
 
     def _flush(self, marks):
@@ -192,13 +190,15 @@ class Run:
         self.send(ready)
         for kind, key_of in (("config", "config/%s.json"), ("postgres", "postgres/%s.json"),
                              ("contentstore", "manifests/%s.json")):
-            ready = [(name, info, meta) for name, info, meta in (
-                (name, info, self._set_metadata(kind, name, info, key_of % name))
-                for name, _status, info, _at in self.state.sets(kind, "queued")) if meta is not None]
+            complete = []
+            for name, _status, info, _at in self.state.sets(kind, "queued"):
+                meta = self._set_metadata(kind, name, info, key_of % name)
+                if meta is not None:
+                    complete.append((name, info, meta))
             # Every set's metadata of one kind lies in one directory: one rclone run sends them all.
-            sent = self.send([(m["key"], m["size"], m["source"], name) for name, _info, m in ready
+            sent = self.send([(m["key"], m["size"], m["source"], name) for name, _info, m in complete
                               if not m["shipped_at"]])
-            for name, info, meta in ready:
+            for name, info, meta in complete:
                 if meta["shipped_at"] or meta["key"] in sent:
                     self.state.put_set(kind, name, "shipped", info)
                     self.completed.append("%s %s" % (kind, name))

@@ -127,7 +127,7 @@ def warm_cache(store_dir, stop, seen=None):
     {relpath: size} of every regular file looked at (the check then needs no stat of its own for them).
     Never raises."""
     try:
-        linktree_workers.file_sizes(store_dir, stop=stop.is_set, nice=True, into={} if seen is None else seen)
+        linktree_workers.file_sizes(store_dir, stop=stop.is_set, nice=True, into=seen)
     except (OSError, linktree_workers.WorkerError):
         pass  # only a head start: the check itself reports what is missing
 
