@@ -8,16 +8,42 @@
   night into the prefix of the last full upload, bare copies the new snapshot's whole tree into its prefix
   (rclone lists both sides and sends the new files). The server's request log gives each side's request count
   (in the samples and the notes).
+
+Where ours' time goes beyond bare (``content_phases``): ``backup.py``'s log times each rclone run it starts, so
+a full sample also records the seconds before the content upload (the WAL, listing every night kept for its
+manifest, the base backups and configuration copies), the content upload itself and the rest; bare's sample
+records its copy of the snapshot apart from the other directories.
 """
 
 import datetime
 import os
+import re
 import shutil
 import time
 
 import catalog
 import dataset
 from s3server import S3Server
+
+
+LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (.*)$", re.M)
+
+
+def content_phases(log_text, contentstore_dir):
+    """(seconds from the log's first line to the first content upload, seconds of the content upload runs: from
+    the first to the start of the next other run) from ``backup.py --offsite``'s log text; None when the log has
+    no content upload followed by another run (pure)."""
+    first, runs = None, []
+    for match in LOG_LINE_RE.finditer(log_text):
+        stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(match.group(2)) / 1e3
+        first = stamp if first is None else first
+        command = match.group(3).partition("running: ")[2]
+        if command:
+            runs.append((stamp, " copy %s/" % contentstore_dir.rstrip("/") in command))
+    content = [i for i, (_stamp, is_content) in enumerate(runs) if is_content]
+    if not content or content[-1] + 1 >= len(runs):
+        return None
+    return runs[content[0]][0] - first, runs[content[-1] + 1][0] - runs[content[0]][0]
 
 
 def _env_values(path):
@@ -36,13 +62,17 @@ class OffsiteBench:
                                  **dict(self.values, **s3.env("s3test:alfresco-backups/" + prefix)))
 
     def cli(self, env, *args):
+        seconds, _proc = self.cli_run(env, *args)
+        return seconds
+
+    def cli_run(self, env, *args):
         started = time.monotonic()
         proc = self.sb.run_cli("backup.py", list(args), env_path=env, timeout=6 * 3600)
         seconds = time.monotonic() - started
         if proc.returncode != 0:
             raise self.bench_error("backup.py %s failed (exit %d):\n%s" % (" ".join(args), proc.returncode,
                                                                          (proc.stdout + proc.stderr)[-4000:]))
-        return seconds
+        return seconds, proc
 
     def bench_error(self, message):
         import measure
@@ -61,14 +91,14 @@ class OffsiteBench:
         shutil.rmtree(os.path.join(self.sb.backup_dir, "offsite"), ignore_errors=True)
 
     def bare_full(self, s3, prefix):
-        seconds = 0.0
+        """(seconds in all, seconds of the snapshot's copy)."""
         snap = catalog.done_backups(self.sb.backup_dir, "contentstore")[-1]
-        seconds += self.rclone(s3, snap.path, prefix + "/content")
+        content = seconds = self.rclone(s3, snap.path, prefix + "/content")
         for kind in ("postgres", "config"):
             for entry in catalog.done_backups(self.sb.backup_dir, kind):
                 seconds += self.rclone(s3, entry.path, "%s/%s/%s" % (prefix, kind, entry.name))
         seconds += self.rclone(s3, self.sb.wal_archive_dir, prefix + "/wal")
-        return seconds
+        return seconds, content
 
     def run(self, runs, new_files, first_day, seed):
         sb, bench = self.sb, self.bench
@@ -80,15 +110,22 @@ class OffsiteBench:
                     prefix = "%s-%d" % (side, run)
                     cold = bench.cold()
                     mark = s3.request_mark()
+                    phases = {}
                     if side == "ours":
                         self.reset_state()
                         env = self.env(s3, prefix)
-                        seconds = self.cli(env, "--offsite")
+                        seconds, proc = self.cli_run(env, "--offsite")
+                        found = content_phases(proc.stdout + proc.stderr,
+                                               catalog.kind_dir(sb.backup_dir, "contentstore"))
+                        if found:
+                            phases = {"before_content_s": round(found[0], 3), "content_s": round(found[1], 3)}
                     else:
-                        seconds = self.bare_full(s3, prefix)
+                        seconds, content = self.bare_full(s3, prefix)
+                        phases = {"content_s": round(content, 3)}
                     objects = len(s3.objects(prefix))
                     bench.add("offsite_full", side, run, position, seconds, cold, requests=len(s3.requests()) - mark,
-                              objects=objects, size_bytes=dataset.tree_stats(s3.base(prefix)).get("bytes"))
+                              objects=objects, size_bytes=dataset.tree_stats(s3.base(prefix)).get("bytes"),
+                              nights=len(catalog.done_backups(sb.backup_dir, "contentstore")), **phases)
                     if side in last:
                         shutil.rmtree(s3.base(last[side]), ignore_errors=True)  # disk: keep one copy per side
                     last[side] = prefix
@@ -109,6 +146,7 @@ class OffsiteBench:
                     requests = s3.requests()[mark:]
                     bench.add("offsite_1pct", side, run, position, seconds, cold, requests=len(requests),
                               new_files=len(files), lists=len([r for r in requests if r[0].startswith("LIST")]))
+        bench.notes.append(full_note(bench.samples.get("offsite_full", [])))
         ours = [s for s in bench.samples.get("offsite_1pct", []) if s["side"] == "ours"]
         bare = [s for s in bench.samples.get("offsite_1pct", []) if s["side"] == "bare"]
         if ours and bare:
@@ -118,6 +156,25 @@ class OffsiteBench:
                     "/".join(str(s["requests"]) for s in ours), ours[0]["new_files"],
                     ours[0]["requests"] / float(max(1, ours[0]["new_files"])),
                     "/".join(str(s["requests"]) for s in bare)))
+
+
+def full_note(samples):
+    """Where the full upload's time went, per run: ours before / during / after its content upload against
+    bare's copy of the snapshot and of the rest (pure)."""
+    parts = []
+    for run in sorted({s["run"] for s in samples}):
+        ours = [s for s in samples if s["run"] == run and s["side"] == "ours" and "content_s" in s]
+        bare = [s for s in samples if s["run"] == run and s["side"] == "bare" and "content_s" in s]
+        if ours and bare:
+            o, b = ours[0], bare[0]
+            parts.append("run %d: ours %.1f s before the content upload + %.1f s upload + %.1f s start-up and after, "
+                         "bare %.1f s snapshot copy + %.1f s the rest" % (
+                             run, o["before_content_s"], o["content_s"],
+                             o["seconds"] - o["before_content_s"] - o["content_s"], b["content_s"],
+                             b["seconds"] - b["content_s"]))
+    nights = samples[0].get("nights") if samples else None
+    return "off-site upload of everything (%s nights kept, each listed for its manifest): %s" % (
+        nights, "; ".join(parts) or "no phases found in the log")
 
 
 def s3_binary():
