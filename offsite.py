@@ -102,7 +102,7 @@ class Run:
         from its snapshot (``source`` is the snapshot's name); every configuration copy or base backup file,
         subdirectories and metadata included, from its kind's directory (one run for all the sets of a kind, not
         one per directory of each set); anything else from its own directory."""
-        kind, rel = key.split("/", 1)[0], key.split("/", 1)[-1]
+        kind, _slash, rel = key.partition("/")
         if kind == "content":
             return os.path.join(catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore"), source), kind, rel
         if kind in ("config", "postgres"):
