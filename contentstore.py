@@ -205,6 +205,11 @@ def take_snapshot(source, backup_dir, name, log, timeout=0, method="auto", worke
         "dirs_trusted": stats.get("dirs_trusted"), "dirs_compared": stats.get("dirs_compared"),
         "workers": stats.get("workers", rsync_count(workers) if engine == "rsync" and not previous else None),
     }
+    if engine == "linktree":
+        # What off-site shipping needs to list this snapshot from the previous one's listing plus these
+        # directories (offsite_listing), instead of reading every directory of the store again.
+        info["regular_bytes"] = stats.get("regular_bytes")
+        info["changed_dirs"] = stats.get("changed_dirs")
     catalog.write_info(final, info)  # before the rename: see base_backup.take_base_backup
     os.rename(partial, final)
     catalog.fsync_dir(dest_root)
@@ -289,7 +294,10 @@ def _run_linktree(source, partial, previous, workers, resume, backup_dir, log, t
             "files_copied": counts["copied"], "bytes_total": counts["bytes_total"],
             "bytes_copied": counts["bytes_copied"], "dirs_trusted": counts["dirs_trusted"],
             "dirs_compared": counts["dirs_compared"], "delta_files": counts["delta_files"],
-            "delta_bytes": counts["delta_bytes"], "workers": stats.workers or workers}, warnings
+            "delta_bytes": counts["delta_bytes"], "workers": stats.workers or workers,
+            "regular_bytes": counts["bytes_total"] - counts["symlink_bytes"],
+            "changed_dirs": None if stats.changed_dirs is None else [os.fsdecode(d) for d in stats.changed_dirs]}, \
+        warnings
 
 
 def _run_btrfs(source, partial, previous, workers, resumed, backup_dir, log, trust_ns, why, timeout):

@@ -36,6 +36,9 @@ import linktree_ops
 import linktree_workers
 
 _FAN_OUT_DEPTH = 3  # split the tree at most down to year/month/day for the workers
+# More changed directories than this are not recorded (a night that changed that much is listed whole off-site,
+# and the record would only grow the snapshot's metadata).
+MAX_CHANGED_DIRS = 50000
 
 
 class LinkTreeError(Exception):
@@ -46,14 +49,18 @@ class Stats:
     """Counters of one worker (merged at the end, so no lock on the per-file path)."""
 
     FIELDS = ("files", "dirs", "symlinks", "linked", "copied", "bytes_total", "bytes_copied", "bytes_linked",
-              "vanished", "skipped_special", "dirs_trusted", "dirs_compared", "delta_files", "delta_bytes")
+              "vanished", "skipped_special", "dirs_trusted", "dirs_compared", "delta_files", "delta_bytes",
+              "symlink_bytes")
 
-    def __init__(self, resume=False):
+    def __init__(self, resume=False, track_changes=False):
         self.resume = resume
         self.workers = None  # worker processes used
         for name in self.FIELDS:
             setattr(self, name, 0)
         self.warnings = []
+        # The destination directories not made as exact copies of the previous snapshot's (compared, or an
+        # unchanged one where a link failed or a subdirectory vanished); None: not tracked, or too many.
+        self.changed_dirs = [] if track_changes else None
 
     def add(self, **counts):
         for name, value in counts.items():
@@ -62,8 +69,19 @@ class Stats:
     def merge(self, other):
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        if self.changed_dirs is not None:
+            self.changed_dirs = None if other.changed_dirs is None else self.changed_dirs + other.changed_dirs
+            if self.changed_dirs is not None and len(self.changed_dirs) > MAX_CHANGED_DIRS:
+                self.changed_dirs = None
         for text in other.warnings:
             self.warn(text)
+
+    def changed(self, d_path):
+        """Record destination directory ``d_path`` (bytes) as not an exact copy of the previous one's."""
+        if self.changed_dirs is not None:
+            self.changed_dirs.append(d_path)
+            if len(self.changed_dirs) > MAX_CHANGED_DIRS:
+                self.changed_dirs = None
 
     def warn(self, text):
         if len(self.warnings) < 20:
@@ -176,14 +194,19 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
     ``in_place``: ``dest`` is the previous state, updated in place (``previous`` is ignored); then
     ``delta_files``/``delta_bytes`` of the result say how the regular files changed in number and bytes.
     ``workers``: worker processes (1: none, all in this process), or None: as many as measurably help
-    (:func:`linktree_workers.walk`; the number is in the result's ``workers``). Returns :class:`Stats`.
+    (:func:`linktree_workers.walk`; the number is in the result's ``workers``). Returns :class:`Stats`; when
+    ``previous`` is used with ``trust_before_ns`` (not in place), its ``changed_dirs`` lists, relative to
+    ``dest`` (bytes, sorted; b"" is the root), every directory that is not an exact copy of the previous
+    snapshot's: every other directory holds the same names as there, its files the same inodes (None when
+    more than MAX_CHANGED_DIRS).
     Raises LinkTreeError naming the path.
     """
     src, dst = os.fsencode(source), os.fsencode(dest)
     prev = dst if in_place else (os.fsencode(previous) if previous else None)
     job = _Job(resume and not in_place, in_place, trust_before_ns,
                in_place and filesystems.nlink_counts_subdirs(source))
-    stats = Stats(job.resume)
+    track = trust_before_ns is not None and not in_place and prev is not None
+    stats = Stats(job.resume, track)
     dir_attrs = []
     try:
         root_st = os.stat(src)
@@ -207,7 +230,7 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
             stats.workers = 1
         else:
             parts, stats.workers = linktree_workers.walk(
-                items, workers, lambda: (Stats(job.resume), []),
+                items, workers, lambda: (Stats(job.resume, track), []),
                 lambda state, item: _walk_into(job, state, item), lambda state: _finish_worker(job, state))
             for part in parts:
                 stats.merge(part)
@@ -218,4 +241,6 @@ def snapshot(source, dest, previous=None, workers=None, resume=False, trust_befo
         raise LinkTreeError("%s: %s" % (name, exc.strerror or exc))
     except linktree_workers.WorkerError as exc:
         raise LinkTreeError("%s: %s" % (source, exc))
+    if stats.changed_dirs is not None:
+        stats.changed_dirs = sorted(set(path[len(dst):].lstrip(b"/") for path in stats.changed_dirs))
     return stats

@@ -59,7 +59,7 @@ def discard(job, stats, path, st):
 
 def make_symlink(job, stats, s_path, d_path, st, cleanup):
     target = os.readlink(s_path)
-    stats.add(symlinks=1, bytes_total=len(target))
+    stats.add(symlinks=1, bytes_total=len(target), symlink_bytes=len(target))
     if cleanup and os.path.lexists(d_path):
         if os.path.islink(d_path) and os.readlink(d_path) == target:
             return
@@ -135,6 +135,7 @@ def compare_dir(job, stats, s, p, d, cleanup):
     """Compare every entry of source directory ``s`` with ``p`` (the previous snapshot's copy, or None)
     and fill ``d``. ``cleanup``: ``d`` may hold entries the source lacks (resumed, in place, or half done
     by the unchanged-directory path). Returns the subdirectories [(s, p, d, lstat)] to descend into."""
+    stats.changed(d)
     try:
         entries = list(os.scandir(s))
     except FileNotFoundError:
@@ -195,7 +196,8 @@ def linked_dir(job, stats, s, p, d):
         children = _child_dirs(stats, s, p, d, subdirs)
         if children is None:
             return None
-        _link_all(job, stats, pfd, s, d, names, subdirs)
+        if not _link_all(job, stats, pfd, s, d, names, subdirs) or len(children) < len(subdirs):
+            stats.changed(d)  # a file copied or gone, or a subdirectory gone: not the previous one's copy
     finally:
         os.close(pfd)
     for child in children:
@@ -226,16 +228,19 @@ def _child_dirs(stats, s, p, d, subdirs):
 
 def _link_all(job, stats, pfd, s, d, names, subdirs):
     """Hard-link the entries ``names`` (str) of the directory open as ``pfd`` into ``d`` (one link(2) and
-    one stat(2) of the then cached inode each); ``subdirs``: its subdirectories (bytes), kept on resume."""
+    one stat(2) of the then cached inode each); ``subdirs``: its subdirectories (bytes), kept on resume.
+    Returns False when an entry could not simply be linked (see :func:`_link_slowly`)."""
     s_slash, d_slash = s + b"/", d + b"/"
     link, stat_at, is_reg = os.link, os.stat, stat.S_ISREG
     files = size = symlinks = symlink_bytes = 0
+    exact = True
     dfd = os.open(d, _DIR_FLAGS)
     try:
         for name in names:
             try:
                 link(name, name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
+                exact = False
                 _link_slowly(job, stats, exc, name, pfd, dfd, s_slash + os.fsencode(name),
                              d_slash + os.fsencode(name))
                 continue
@@ -253,7 +258,9 @@ def _link_all(job, stats, pfd, s, d, names, subdirs):
                     discard(job, stats, d_slash + name, os.lstat(d_slash + name))
     finally:
         os.close(dfd)
-    stats.add(files=files, linked=files, bytes_total=size + symlink_bytes, bytes_linked=size, symlinks=symlinks)
+    stats.add(files=files, linked=files, bytes_total=size + symlink_bytes, bytes_linked=size, symlinks=symlinks,
+              symlink_bytes=symlink_bytes)
+    return exact
 
 
 def _link_slowly(job, stats, exc, name, pfd, dfd, s_path, d_path):
@@ -266,7 +273,7 @@ def _link_slowly(job, stats, exc, name, pfd, dfd, s_path, d_path):
             if stat.S_ISREG(st.st_mode):
                 stats.add(files=1, linked=1, bytes_total=st.st_size, bytes_linked=st.st_size)
             else:
-                stats.add(symlinks=1, bytes_total=st.st_size)
+                stats.add(symlinks=1, bytes_total=st.st_size, symlink_bytes=st.st_size)
             return
         except OSError as again:
             exc = again

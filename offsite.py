@@ -16,6 +16,7 @@ when its metadata and the WAL segment it stopped in are off-site (verified); a n
 metadata is. Nothing here lists the remote: the local record (offsite_state) says what is there.
 """
 
+import datetime
 import gzip
 import os
 import stat
@@ -24,6 +25,7 @@ import time
 import catalog
 import linktree_workers
 import lock
+import offsite_listing
 import offsite_state
 import rclone
 import wal_chain
@@ -45,6 +47,7 @@ class Run:
         self.files = self.bytes = 0
         self.probed = False
         self.flushed = time.monotonic()
+        self.last_listing = None  # (name, files, skipped) of the snapshot queued last: the next one's base
 
     # ---- sending ---------------------------------------------------------------------------------
     def send(self, rows, overwrite=False):
@@ -153,17 +156,42 @@ class Run:
                     self._queue_snapshot(entry)
                 else:
                     rows = [("%s/%s/%s" % (kind, entry.name, rel), size, os.path.join(entry.path, rel))
-                            for rel, size in walk_files(entry.path)[0]]
+                            for rel, size in offsite_listing.walk_files(entry.path)[0]]
                     self.state.queue(rows, first_set=entry.name)
                 self.state.put_set(kind, entry.name, "queued", entry.info)
                 self.log.info("off-site: queued %s %s", kind, entry.name)
 
+    def _snapshot_files(self, entry):
+        """(files, skipped) of snapshot ``entry`` (see offsite_listing): derived from its link base's list
+        when the engine's record allows it (the base queued just before in this run, or its manifest kept
+        here), else walked."""
+        base = offsite_listing.derivable(entry.info)
+        listing = None
+        try:
+            if base is not None and self.last_listing and self.last_listing[0] == base:
+                listing = offsite_listing.derive_files(entry.path, entry.info, *self.last_listing[1:])
+            elif base is not None:
+                with open(os.path.join(self.cfg.BACKUP_DIR, MANIFEST_DIR, base + ".tsv.gz"), "rb") as handle:
+                    base_files = sorted(read_manifest(handle.read()).items())
+                # The base's unshippable names are not in its manifest: unknown (None).
+                listing = offsite_listing.derive_files(entry.path, entry.info, base_files, None)
+        except (OSError, ValueError, EOFError) as exc:  # no usable base or record: walk
+            self.log.info("off-site: %s is walked (%s)", entry.name, exc)
+            listing = None
+        if listing is None:
+            listing = offsite_listing.walk_files(entry.path)
+        else:
+            self.log.info("off-site: %s listed from %s and its %d changed directories", entry.name, base,
+                          len(entry.info["changed_dirs"]))
+        self.last_listing = (entry.name,) + listing
+        return listing
+
     def _queue_snapshot(self, entry):
-        files, skipped = walk_files(entry.path)
+        files, skipped = self._snapshot_files(entry)
         if skipped:
             self.notes.append("%s: %d files with a newline, tab or non-UTF-8 byte in their name are not Alfresco "
                               "content and are not shipped off-site, e.g. %r" % (entry.name, len(skipped),
-                                                                                 skipped[0]))
+                                                                                 skipped[0][0]))
         manifest = write_manifest(os.path.join(self.cfg.BACKUP_DIR, MANIFEST_DIR), entry.name, files)
         self.state.queue([("manifests/%s.tsv.gz" % entry.name, _size(manifest), manifest)], first_set=entry.name)
         self.state.queue((("content/" + rel, size, entry.name) for rel, size in files), first_set=entry.name)
@@ -203,6 +231,24 @@ class Run:
                     self.state.put_set(kind, name, "shipped", info)
                     self.completed.append("%s %s" % (kind, name))
                     self.log.info("off-site: %s %s is complete off-site", kind, name)
+        self._prune_manifests(datetime.datetime.now())
+
+    def _prune_manifests(self, now):
+        """Delete the local copy of a night's manifest once it is off-site, the night is gone from BACKUP_DIR
+        (so nothing lists from it any more) and older than OFFSITE_RETENTION_DAYS (off-site retention's
+        business from then on); otherwise one per night would pile up (a 10-million-file store: ~150 MB)."""
+        directory = os.path.join(self.cfg.BACKUP_DIR, MANIFEST_DIR)
+        snapshots = catalog.kind_dir(self.cfg.BACKUP_DIR, "contentstore")
+        cutoff = now - datetime.timedelta(days=max(1, self.cfg.OFFSITE_RETENTION_DAYS))
+        for file_name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            name = file_name[:-len(".tsv.gz")]
+            when = catalog.parse_name_time(name) if file_name.endswith(".tsv.gz") else None
+            if when is None or when > cutoff or os.path.lexists(os.path.join(snapshots, name)) \
+                    or os.path.lexists(os.path.join(snapshots, name + catalog.PARTIAL_SUFFIX)) \
+                    or not self.state.is_shipped("manifests/" + file_name):
+                continue
+            os.unlink(os.path.join(directory, file_name))
+            self.log.info("off-site: removed the local copy of %s's manifest (off-site, gone here)", name)
 
     def _content_source(self, row, newest):
         """Pending content ``row`` (key, size, source, first_set) with the snapshot to read it from: the newest
@@ -258,31 +304,6 @@ def _size(path):
         return os.lstat(path).st_size
     except OSError:
         return 0
-
-
-def shippable_name(rel):
-    """True for a path rclone's --files-from-raw and the record can carry: valid UTF-8, no newline or tab."""
-    if any(c in rel for c in "\n\r\t"):
-        return False
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def walk_files(root):
-    """([(relpath, size)] of the regular files under ``root``, sorted; [unshippable relpaths]). The subtrees
-    are read by worker processes (:func:`linktree_workers.file_sizes`): a first upload lists every night kept
-    locally, each a cold walk of the whole store (60,000 files, 5 nights: 12-13 s with one os.walk, 6.7 s so).
-    Raises OSError or linktree_workers.WorkerError."""
-    files, skipped = [], []
-    for rel, size in sorted(linktree_workers.file_sizes(root).items()):
-        if shippable_name(rel):
-            files.append((rel, size))
-        else:
-            skipped.append(rel)
-    return files, skipped
 
 
 def write_manifest(directory, name, files):

@@ -10,8 +10,8 @@
   (in the samples and the notes).
 
 Where ours' time goes beyond bare (``content_phases``): ``backup.py``'s log times each rclone run it starts, so
-a full sample also records the seconds before the content upload (the WAL, listing every night kept for its
-manifest, the base backups and configuration copies), the content upload itself and the rest; bare's sample
+a full sample also records the seconds before the content upload (the WAL, each kept night's manifest, the
+base backups and configuration copies), the content upload itself and the rest; bare's sample
 records its copy of the snapshot apart from the other directories.
 """
 

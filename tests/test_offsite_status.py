@@ -5,6 +5,7 @@ import gzip
 
 import offsite
 import offsite_audit
+import offsite_listing
 import offsite_status
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.timezone.utc)
@@ -60,7 +61,7 @@ def test_names_rclone_lists_cannot_carry_are_not_shipped(tmp_path):
     for name in ("ok.bin", "new\nline.bin", "tab\there.bin"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "bad\udcff.bin".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")).write_bytes(b"")
-    files, skipped = offsite.walk_files(str(tmp_path))
+    files, skipped = offsite_listing.walk_files(str(tmp_path))
     assert files == [("ok.bin", 1)] and len(skipped) == 3
 
 
