@@ -258,7 +258,7 @@ def file_sizes(root, stop=None, nice=False, into=None):
     found = {} if into is None else into
     subtrees = [root]
     for _level in range(2):
-        subtrees = [child for top in subtrees if not (stop and stop()) for child in _scan_dir(top, prefix, found)]
+        subtrees = [child for top in subtrees if not (stop and stop()) for child in scan_dir(top, prefix, found)]
     if subtrees:
         new_part = _new_niced_part if nice else dict
         for part in walk(subtrees, None, new_part, lambda part, top: _scan_tree(top, prefix, part),
@@ -275,7 +275,7 @@ def _new_niced_part():
     return {}
 
 
-def _scan_dir(path, prefix, found):
+def scan_dir(path, prefix, found):
     """Record the regular files of directory ``path`` in ``found``; returns its subdirectories."""
     subdirs = []
     try:
@@ -299,4 +299,4 @@ def _scan_dir(path, prefix, found):
 def _scan_tree(top, prefix, found):
     stack = [top]
     while stack:
-        stack.extend(_scan_dir(stack.pop(), prefix, found))
+        stack.extend(scan_dir(stack.pop(), prefix, found))

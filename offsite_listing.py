@@ -14,7 +14,6 @@ mismatch) means the walk.
 """
 
 import os
-import stat
 
 import linktree_workers
 
@@ -67,22 +66,15 @@ def derive_files(root, info, base_files, base_skipped):
     """The (files, skipped) of :func:`walk_files` for snapshot ``root`` with metadata ``info``, derived from
     the list of its link base (``info["link_dest"]``): ``base_files`` and ``base_skipped`` as walk_files
     gives them (``base_skipped`` None when unknown). None when the result does not match the engine's counts
-    (then walk). Raises OSError (a changed directory unreadable or gone)."""
+    (then walk; e.g. a changed directory gone since). Raises OSError (a changed directory unreadable)."""
     changed = set(info["changed_dirs"])
     if "" not in changed:  # the engine always records the root: a record without it is not one of ours
         return None
-    sizes, subdirs = {}, {}
+    sizes, subdirs, prefix = {}, {}, os.path.join(root, "")
     for rel_dir in changed:
-        prefix = rel_dir + "/" if rel_dir else ""
-        names = subdirs[rel_dir] = set()
-        with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as listing:
-            for entry in listing:
-                if entry.is_dir(follow_symlinks=False):
-                    names.add(entry.name)
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    sizes[prefix + entry.name] = st.st_size
+        # The walk's own reading of one directory: the same files left out (vanished, not regular).
+        found = linktree_workers.scan_dir(os.path.join(root, rel_dir) if rel_dir else root, prefix, sizes)
+        subdirs[rel_dir] = set(os.path.basename(path) for path in found)
     present = {}
 
     def is_present(rel_dir):

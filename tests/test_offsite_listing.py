@@ -51,6 +51,7 @@ def two_nights(tmp_path, workers, night=alfresco_night):
     night(src)
     os.mkdir(ours)
     stats = linktree.snapshot(src, ours, prev, workers=workers, trust_before_ns=trust)
+    stats.trust = trust  # for a test that runs the night again
     return prev, ours, stats
 
 
@@ -166,17 +167,12 @@ def test_nights_through_take_snapshot_are_derived_from_memory_and_from_the_kept_
 def test_a_resumed_night_is_derived_as_walked(tmp_path):
     """An interrupted run left a partial copy with a stray file in an unchanged bucket and files missing:
     the resumed run's record still gives the walked list."""
-    src, prev, ours = str(tmp_path / "src"), str(tmp_path / "prev"), str(tmp_path / "ours")
-    build_source(src)
-    first_copy(src, prev)
-    trust = settle()
-    alfresco_night(src)
-    os.mkdir(ours)
-    linktree.snapshot(src, ours, prev, workers=1, trust_before_ns=trust)
+    prev, ours, first = two_nights(tmp_path, 1)
     write(os.path.join(os.fsencode(ours), b"2024/3/1/10/5/stray.bin"), b"left by hand", mtime=T)
     os.remove(os.path.join(ours, "2024/3/2/10/6/00000000000000000000000000000006.bin"))
     os.remove(os.path.join(ours, "2025/1/2/3/5/new-bucket.bin"))
-    stats = linktree.snapshot(src, ours, prev, workers=1, resume=True, trust_before_ns=trust)
+    stats = linktree.snapshot(str(tmp_path / "src"), ours, prev, workers=1, resume=True,
+                              trust_before_ns=first.trust)
     walked = offsite_listing.walk_files(ours)
     assert "2024/3/1/10/5/stray.bin" not in dict(walked[0]) and len(walked[0]) == stats.files - len(walked[1])
     assert offsite_listing.derive_files(ours, night_info(stats), *offsite_listing.walk_files(prev)) == walked
