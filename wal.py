@@ -150,19 +150,14 @@ def _unlink_quiet(path):
 
 
 def _pid_alive(text):
+    """True when ``text`` names a live process (another user's counts); False for a dead or invalid pid."""
     try:
         pid = int(text)
-    except ValueError:
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return pid > 0 and os.kill(pid, 0) is None
+    except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
-    return True
 
 
 def _remove_stale_temps(directory, name):
