@@ -53,7 +53,7 @@ def has_wal(wal_files, segment):
 def read_catalog(remote, with_content=False, content_hashes=False):
     """The remote's sets, WAL and (``with_content``) content objects. Reads each metadata object (small)."""
     wal_files = {}
-    for item in remote.lsjson("wal"):
+    for item in remote.lsjson("wal", modtimes=True):  # each segment's time: a HEAD each, the WAL kept only
         name = item["Path"]
         if not name.startswith(".") and _is_wal(name):
             wal_files[name] = (item.get("Size", 0), _mtime(item.get("ModTime")))
