@@ -27,6 +27,7 @@ import catalog
 import subprocess_utils
 
 DEFAULT_TIMEOUT = 600  # listing, reading one object, deleting: never hours
+LIST_TO_DOWNLOAD_FROM = 100  # files: a download of this many or more lists their directories instead of HEADs
 _PLAIN_TIME_RE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+ *: )?")
 
 
@@ -149,14 +150,17 @@ class Remote:
 
     def download(self, sub, dest_dir, rels=None, what=None):
         """Copy ``sub`` (a directory of the remote) into ``dest_dir``: only ``rels`` (paths relative to it)
-        when given, without listing the remote. Files already there with the same size and time are kept
-        (a rerun resumes). Raises RcloneError."""
+        when given. Files already there with the same size and time are kept (a rerun resumes). Raises
+        RcloneError."""
         args = [self.path(sub), dest_dir, "--transfers", str(self.transfers)]
         tmp = None
         try:
             if rels is not None:
                 tmp = write_list(rels, tempfile.gettempdir())
-                args += ["--files-from-raw", tmp, "--no-traverse"]
+                # --no-traverse sends a HEAD before each GET; listing the directories that hold the files (at
+                # most one LIST per file's directory) replaces them: 20,001 -> 12,493 requests and 8.1 -> 7.2 s
+                # for 10,000 files on loopback. A few files out of a large folder are cheaper one HEAD each.
+                args += ["--files-from-raw", tmp] + (["--no-traverse"] if len(rels) < LIST_TO_DOWNLOAD_FROM else [])
             self._run("copy", *args, what=what or "downloading %s" % self.path(sub), timeout=self.timeout)
         finally:
             if tmp:
