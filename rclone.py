@@ -116,7 +116,7 @@ class Remote:
         """[{'Path', 'Size', 'Hashes'?, 'ModTime' (only with ``modtimes``)}] under ``sub`` (one line of rclone's
         output at a time, so millions of objects do not go through the log). A missing directory is [] when
         ``missing_ok``. On S3 an object's time is in its metadata, which a LIST does not return: ``modtimes``
-        costs one HEAD per object (measured: 1,001 HEADs to list 1,000 objects), so only small folders ask."""
+        costs one HEAD per object (measured: 1,001 HEADs to list 1,000 objects): only the WAL folder asks."""
         args = ["lsjson", self.path(sub)] + (["-R"] if recursive else []) + (["--hash"] if hashes else []) + \
             (["--files-only"] if files_only else []) + ([] if modtimes else ["--no-modtime", "--no-mimetype"])
         items = []

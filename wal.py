@@ -153,7 +153,9 @@ def _pid_alive(text):
     """True when ``text`` names a live process (another user's counts); False for a dead or invalid pid."""
     try:
         pid = int(text)
-        return pid > 0 and os.kill(pid, 0) is None
+        if pid > 0:
+            os.kill(pid, 0)
+        return pid > 0
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
